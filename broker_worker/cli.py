@@ -1,0 +1,116 @@
+"""``broker-worker``: ``run`` a worker, ``check`` that one is alive (healthchecks), ``make-tiny-model``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from broker_worker import settings_cli
+from broker_worker.connections import async_redis, redact
+from broker_worker.engine import Engine
+from broker_worker.settings import RedisSettings, WorkerSettings
+
+log = logging.getLogger("broker_worker.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="broker-worker", description="InternVL worker fed by Redis Streams")
+    commands = parser.add_subparsers(dest="command", required=True)
+    settings_cli.add_arguments(
+        commands.add_parser("run", help="serve one model from a Redis job stream"), WorkerSettings
+    )
+    check = commands.add_parser("check", help="exit 0 when a live worker serves the model")
+    settings_cli.add_arguments(check, RedisSettings)
+    check.add_argument("--model", default=None, help="model name (default: any model)")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight InternVL checkpoint (noise!)")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(settings_cli.build(WorkerSettings, args))
+    if args.command == "check":
+        return asyncio.run(check_alive(settings_cli.build(RedisSettings, args).redis_url, args.model))
+    return make_tiny(args.directory, args.seed)
+
+
+def make_tiny(directory: str, seed: int) -> int:
+    from broker_worker.tiny_model import NOISE_NOTICE, make_tiny_model
+
+    path = make_tiny_model(directory, seed)
+    print(f"wrote {path}: {NOISE_NOTICE}")
+    return 0
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.fake_engine:
+        from broker_worker.fake_engine import FakeEngine
+
+        return FakeEngine(settings.resolved_model_name(), settings.fake_token_delay_s)
+    if settings.model_path is None:
+        raise SystemExit("broker-worker run: --model-path is required (or --fake-engine)")
+    from broker_worker.internvl_engine import InternVLEngine
+    from broker_worker.loading import CheckpointError, LoadOptions, load
+
+    options = LoadOptions(
+        settings.model_path,
+        settings.device,
+        settings.gpu_list(),
+        settings.load_8bit,
+        settings.load_4bit,
+        settings.vit_alpha,
+    )
+    try:
+        loaded = load(options)
+    except CheckpointError as exc:
+        raise SystemExit(f"broker-worker: cannot serve {settings.model_path}: {exc}") from exc
+    return InternVLEngine(loaded, settings.resolved_model_name())
+
+
+def run(settings: WorkerSettings) -> int:
+    from broker_worker.logs import configure
+
+    configure(settings.log_level)
+    log.info("connecting to %s", redact(settings.redis_url))
+    engine = build_engine(settings)
+    return asyncio.run(_serve(settings, engine))
+
+
+async def _serve(settings: WorkerSettings, engine: Engine) -> int:
+    from broker_worker.worker import Worker
+
+    redis = async_redis(settings.redis_url)
+    worker = Worker(settings, engine, redis)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await redis.aclose()
+    return 0
+
+
+async def check_alive(redis_url: str, model: str | None) -> int:
+    from broker_worker import health
+
+    redis = async_redis(redis_url)
+    try:
+        workers = await health.live_workers(redis)
+    except Exception as exc:
+        print(f"unhealthy: redis unreachable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    serving = [w for w in workers if model is None or w.model == model]
+    if not serving:
+        print(f"unhealthy: no live worker for {model or 'any model'}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(serving)} live worker(s): {', '.join(w.worker_id for w in serving)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

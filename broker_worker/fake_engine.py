@@ -1,0 +1,45 @@
+"""A deterministic engine for the broker's mechanics: fixed text, fixed per-token delay, real cancel/resume.
+
+Its text for a job is a function of the job alone, so a resumed job can be checked for prefix consistency.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from broker_worker.engine import Finish, OnDelta
+from broker_worker.errors import ErrorCode, JobError
+from broker_worker.messages import Job, Usage
+
+
+def fake_tokens(job: Job) -> list[str]:
+    """The full answer for a job, one token per item."""
+    question = job.prompt[-1].text if job.prompt else ""
+    return [f"t{i}:{len(question)} " for i in range(job.max_new_tokens)]
+
+
+class FakeEngine:
+    def __init__(self, model_name: str = "fake", token_delay_s: float = 0.0) -> None:
+        self.model_name = model_name
+        self.device = "cpu"
+        self.token_delay_s = token_delay_s
+
+    def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
+        question = job.prompt[-1].text
+        if question.startswith("fail:"):
+            raise JobError(ErrorCode.INTERNAL_ERROR, f"fake engine asked to fail: {question}")
+        tokens = fake_tokens(job)
+        done, start = 0, 0
+        while start < len(tokens) and done + len(tokens[start]) <= len(answer_prefix):
+            done += len(tokens[start])
+            start += 1
+        deadline = time.perf_counter()
+        for token in tokens[start:]:
+            if cancel.is_set():
+                break
+            if self.token_delay_s:
+                deadline += self.token_delay_s  # fixed rate, not sleep drift
+                time.sleep(max(0.0, deadline - time.perf_counter()))
+            on_delta(token)
+        return Finish("length", Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))

@@ -1,0 +1,41 @@
+"""Worker health: a TTL'd key per worker plus an index, read by the gateway and by ``broker-worker check``."""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from broker_worker import constants as c
+from broker_worker.messages import WorkerHealth
+
+
+async def record(redis: aioredis.Redis, health: WorkerHealth, ttl_s: float) -> None:
+    now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(c.worker_health_key(health.worker_id), health.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.zadd(c.WORKERS_INDEX, {health.worker_id: now_ms + int(ttl_s * 1000)})
+        pipe.zremrangebyscore(c.WORKERS_INDEX, 0, now_ms)
+        pipe.expire(c.WORKERS_INDEX, int(ttl_s * 3) + 1)
+        await pipe.execute()
+
+
+async def remove(redis: aioredis.Redis, worker_id: str) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(c.worker_health_key(worker_id))
+        pipe.zrem(c.WORKERS_INDEX, worker_id)
+        await pipe.execute()
+
+
+async def live_workers(redis: aioredis.Redis) -> list[WorkerHealth]:
+    now_ms = int(time.time() * 1000)
+    ids: list[str] = await redis.zrangebyscore(c.WORKERS_INDEX, now_ms, "+inf")
+    if not ids:
+        return []
+    values = await redis.mget([c.worker_health_key(i) for i in ids])
+    return [WorkerHealth.model_validate_json(v) for v in values if v]
+
+
+async def queue_length(redis: aioredis.Redis, model: str) -> int:
+    """Jobs waiting or running for a model: processed entries are deleted, so the stream length is the queue."""
+    return int(await redis.xlen(c.job_stream(model)))

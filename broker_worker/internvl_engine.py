@@ -1,0 +1,177 @@
+"""The InternVL engine: seed semantics on a loaded checkpoint, with per-request state only.
+
+Per request: conversation and tile budgets (prompt.py), images decoded with limits and tiled (cached by
+content hash), ``<img><IMG_CONTEXT>×256·n</img>`` expansion, context-length check, then ``model.generate`` with a
+streamer that decodes incrementally and a stopping criterion that watches the cancel flag. Nothing on the model
+object is changed per request (the seed swaps ``model.system_message`` and races).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from broker_worker.decoding import IncrementalDecoder, control_token_ids
+from broker_worker.engine import Finish, OnDelta
+from broker_worker.errors import ErrorCode, JobError
+from broker_worker.images import DEFAULT_LIMITS, ImageLimits, LruCache, content_key, decode_image
+from broker_worker.loading import LoadedModel
+from broker_worker.messages import Job, Usage
+from broker_worker.prompt import Conversation, build_conversation, expand_images
+from broker_worker.tiling import build_transform, tile_image
+
+TILE_CACHE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class Prepared:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    max_new_tokens: int
+    prefix_tokens: int
+
+
+class _CancelCriteria(StoppingCriteria):
+    def __init__(self, cancel: threading.Event) -> None:
+        self._cancel = cancel
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool)  # type: ignore[return-value]
+
+
+class _DeltaStreamer(BaseStreamer):  # type: ignore[misc]
+    """Receives token ids from ``generate`` and hands decoded deltas to the worker."""
+
+    def __init__(self, decoder: IncrementalDecoder, on_delta: OnDelta) -> None:
+        self._decoder = decoder
+        self._on_delta = on_delta
+        self._prompt_seen = False
+        self.last_id: int | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt (empty when only embeddings go in)
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.last_id = token_id
+            if text := self._decoder.push(token_id):
+                self._on_delta(text)
+
+    def end(self) -> None:
+        if text := self._decoder.flush():
+            self._on_delta(text)
+
+
+class InternVLEngine:
+    def __init__(self, loaded: LoadedModel, model_name: str, image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        self.model_name = model_name
+        self.device = loaded.device
+        self._m = loaded
+        self._limits = image_limits
+        self._skip_ids = control_token_ids(loaded.tokenizer)
+        self._eos_ids = self._stop_ids(loaded)
+        self._tiles: LruCache[torch.Tensor] = LruCache(TILE_CACHE_BYTES, lambda t: t.numel() * t.element_size())
+
+    def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
+        prepared = self.prepare(job, answer_prefix)
+        decoder = IncrementalDecoder(self._m.tokenizer, self._skip_ids)
+        streamer = _DeltaStreamer(decoder, on_delta)
+        try:
+            with torch.inference_mode():
+                self._m.model.generate(**self._generate_kwargs(job, prepared, streamer, cancel))
+        except torch.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {exc}", retryable=True) from exc
+        reason = "stop" if streamer.last_id in self._eos_ids else "length"
+        usage = Usage(
+            prompt_tokens=int(prepared.input_ids.shape[1]) - prepared.prefix_tokens,
+            completion_tokens=prepared.prefix_tokens + decoder.count,
+        )
+        return Finish(reason, usage)
+
+    def prepare(self, job: Job, answer_prefix: str = "") -> Prepared:
+        conversation = build_conversation(job.prompt, job.max_input_tiles)
+        pixel_values, tiles_per_image = self.pixel_values(conversation)
+        text = conversation.render(self._m.template, answer_prefix)
+        text = expand_images(text, tiles_per_image, self._m.tokens_per_tile)
+        encoded = self._m.tokenizer(text, return_tensors="pt")
+        prefix_tokens = len(self._m.tokenizer(answer_prefix)["input_ids"]) if answer_prefix else 0
+        prompt_len = int(encoded["input_ids"].shape[1])
+        room = self._m.context_len - prompt_len
+        if room <= 0:
+            raise JobError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"the prompt is {prompt_len} tokens (images included) and the context is "
+                f"{self._m.context_len}; send fewer images, a lower max_input_tiles, or a shorter history",
+            )
+        max_new = min(job.max_new_tokens - prefix_tokens, room)
+        if max_new <= 0:
+            max_new = 1
+        return Prepared(encoded["input_ids"], encoded["attention_mask"], pixel_values, max_new, prefix_tokens)
+
+    def pixel_values(self, conversation: Conversation) -> tuple[torch.Tensor | None, list[int]]:
+        stacks = [
+            self._tiles_for(b64, budget, n)
+            for n, (b64, budget) in enumerate(zip(conversation.images, conversation.budgets, strict=True), start=1)
+        ]
+        if not stacks:
+            return None, []
+        return torch.cat(stacks), [int(s.shape[0]) for s in stacks]
+
+    def _tiles_for(self, b64: str, budget: int, index: int) -> torch.Tensor:
+        m = self._m
+        key = (content_key(b64), budget, m.image_size, m.use_thumbnail, m.dynamic_image_size)
+
+        def make() -> torch.Tensor:
+            image = decode_image(b64, index, self._limits)
+            if not m.dynamic_image_size:
+                return build_transform(m.image_size)(image).unsqueeze(0)
+            return tile_image(image, max_num=budget, image_size=m.image_size, use_thumbnail=m.use_thumbnail)
+
+        return self._tiles.get_or_make(key, make)
+
+    def _generate_kwargs(
+        self, job: Job, p: Prepared, streamer: _DeltaStreamer, cancel: threading.Event
+    ) -> dict[str, Any]:
+        device = self._m.model.device
+        dtype = next(self._m.model.parameters()).dtype
+        kwargs: dict[str, Any] = {
+            "input_ids": p.input_ids.to(device),
+            "attention_mask": p.attention_mask.to(device),
+            "max_new_tokens": p.max_new_tokens,
+            "do_sample": job.temperature > 0,
+            "num_beams": 1,
+            "repetition_penalty": job.repetition_penalty,
+            "eos_token_id": sorted(self._eos_ids),
+            "pad_token_id": self._pad_id(),
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_CancelCriteria(cancel)]),
+        }
+        if job.temperature > 0:
+            kwargs.update(temperature=job.temperature, top_p=job.top_p)
+        if p.pixel_values is not None:
+            kwargs["pixel_values"] = p.pixel_values.to(device, dtype=dtype)
+        return kwargs
+
+    def _pad_id(self) -> int:
+        tok = self._m.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad) if pad is not None else 0
+
+    @staticmethod
+    def _stop_ids(loaded: LoadedModel) -> frozenset[int]:
+        tok = loaded.tokenizer
+        ids: set[int] = set()
+        eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        vocab = tok.get_vocab()
+        for token in (loaded.template.stop_token, "<|im_end|>", "<|end|>"):
+            if token in vocab:
+                ids.add(vocab[token])
+        return frozenset(ids)

@@ -1,0 +1,20 @@
+-- Take a job for a run: decide new / resumed / duplicate, count the attempt, install the new fencing token.
+-- KEYS[1] state hash, KEYS[2] cancel key
+-- ARGV[1] stream entry id, ARGV[2] fencing token, ARGV[3] worker id, ARGV[4] now (ms), ARGV[5] ttl (s)
+local status = redis.call('HGET', KEYS[1], 'status')
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if status == 'done' or status == 'failed' or status == 'cancelled' then
+  return {'duplicate', status, 0, 0}
+end
+if status == 'running' and entry ~= ARGV[1] then
+  return {'duplicate', status, 0, 0}
+end
+local increment = 1
+if status == 'released' then increment = 0 end  -- handed back on shutdown: not a failed attempt
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', increment)
+redis.call('HSET', KEYS[1], 'status', 'running', 'entry', ARGV[1], 'owner', ARGV[2], 'worker', ARGV[3],
+  'started_ms', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local cancelled = redis.call('EXISTS', KEYS[2])
+return {'run', tostring(attempts), seq, cancelled}

@@ -1,0 +1,173 @@
+"""Typed messages at the Redis boundary: the job a client queues and the events a worker publishes.
+
+Both sides import these; nothing here imports torch. Everything on the wire is plain JSON (never pickle).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from broker_worker.errors import ErrorCode
+
+# Hard limits a job must respect whoever submits it (the gateway may enforce lower ones).
+MAX_MESSAGES = 256
+MAX_CONTENT_CHARS = 200_000
+MAX_IMAGES_PER_JOB = 32
+MAX_IMAGE_B64_CHARS = 28_000_000  # ~20 MB decoded
+MAX_NEW_TOKENS = 16_384
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,80}$"
+
+Role = Literal["system", "user", "assistant"]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ChatMessage(BaseModel):
+    """One element of the seed's ``prompt`` list."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: str | None = Field(default="", max_length=MAX_CONTENT_CHARS)
+    image: list[Annotated[str, Field(max_length=MAX_IMAGE_B64_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_IMAGES_PER_JOB
+    )
+
+    @property
+    def text(self) -> str:
+        return self.content or ""
+
+
+class SamplingParams(BaseModel):
+    """The seed payload's generation fields, with the Streamlit app's defaults."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
+    max_new_tokens: int = Field(default=1024, ge=1, le=MAX_NEW_TOKENS)
+    max_input_tiles: int = Field(default=12, ge=1, le=64)
+    repetition_penalty: float = Field(default=1.1, gt=0.0, le=10.0)
+
+
+class Job(SamplingParams):
+    """A generation job as queued on ``ivl:jobs:<model>`` under the field ``job``."""
+
+    id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
+    model: str = Field(min_length=1, max_length=200)
+    prompt: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    #: Unix ms after which a job that has not started is dropped (failed with 50006) instead of run.
+    deadline_ms: int | None = None
+    created_ms: int = Field(default_factory=now_ms)
+
+    @field_validator("prompt")
+    @classmethod
+    def _images_bounded(cls, prompt: list[ChatMessage]) -> list[ChatMessage]:
+        total = sum(len(m.image) for m in prompt)
+        if total > MAX_IMAGES_PER_JOB:
+            raise ValueError(f"{total} images in one job; at most {MAX_IMAGES_PER_JOB} are allowed")
+        return prompt
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(m.image) for m in self.prompt)
+
+    def expired(self, at_ms: int | None = None) -> bool:
+        return self.deadline_ms is not None and (at_ms or now_ms()) > self.deadline_ms
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    seq: int = 0
+
+
+class Started(_Event):
+    type: Literal["started"] = "started"
+    worker: str
+    #: True when this worker continues a job another worker had begun (text so far is kept).
+    resumed: bool = False
+
+
+class Delta(_Event):
+    type: Literal["delta"] = "delta"
+    text: str
+
+
+class Done(_Event):
+    type: Literal["done"] = "done"
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class Failed(_Event):
+    type: Literal["failed"] = "failed"
+    error_code: int = ErrorCode.INTERNAL_ERROR
+    message: str
+
+
+class Cancelled(_Event):
+    type: Literal["cancelled"] = "cancelled"
+
+
+Event = Annotated[Started | Delta | Done | Failed | Cancelled, Field(discriminator="type")]
+TerminalEvent = Done | Failed | Cancelled
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+TERMINAL_TYPES = frozenset({"done", "failed", "cancelled"})
+
+
+def parse_event(raw: str | bytes) -> Event:
+    return EVENT_ADAPTER.validate_json(raw)
+
+
+def is_terminal(event: Event) -> bool:
+    return event.type in TERMINAL_TYPES
+
+
+class WorkerHealth(BaseModel):
+    """Value of a worker's health key (JSON), refreshed every heartbeat with a TTL."""
+
+    worker_id: str
+    model: str
+    slots: int
+    running: int
+    tokens_per_s: float = 0.0
+    jobs_done: int = 0
+    host: str = ""
+    pid: int = 0
+    device: str = ""
+    started_ms: int = Field(default_factory=now_ms)
+    updated_ms: int = Field(default_factory=now_ms)
+    draining: bool = False
+
+
+class DeadLetter(BaseModel):
+    """An entry of ``ivl:dead``: what could not be run and why."""
+
+    stream: str
+    entry_id: str
+    job_id: str | None = None
+    reason: str
+    fields: dict[str, str] = Field(default_factory=dict)
+    at_ms: int = Field(default_factory=now_ms)

@@ -1,0 +1,476 @@
+"""The worker loop: pull jobs from the model's stream when a slot is free, run them, stream events back.
+
+Lifecycle of one entry (one short step each): parse → start (idempotency, attempts, fencing token) → refuse
+what must not run (duplicate, cancelled, past deadline, too many attempts) → resume text from the replay →
+generate (deltas coalesced and published under the token) → terminal event → ack + delete. A job whose worker
+dies stays pending; another worker takes it over after ``lease_s`` (XAUTOCLAIM) and resumes from the text
+already published. Live workers renew their lease, so a long job is never run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import RedisError, ResponseError
+
+from broker_worker import constants as c
+from broker_worker import health
+from broker_worker.engine import Engine, Finish
+from broker_worker.errors import ErrorCode, JobError
+from broker_worker.jobs import CANCELLED, FENCED, JobStore, entry_job_id, replay, replay_text
+from broker_worker.messages import (
+    Cancelled,
+    DeadLetter,
+    Delta,
+    Done,
+    Event,
+    Failed,
+    Job,
+    Started,
+    WorkerHealth,
+    now_ms,
+)
+from broker_worker.settings import WorkerSettings
+
+log = logging.getLogger("broker_worker.worker")
+MAX_ENTRY_CHARS = 64 * 1024 * 1024
+
+
+class BadEntry(Exception):
+    """A stream entry that can never run: it goes to the dead-letter stream with this reason."""
+
+
+class Handback(Exception):
+    """The worker is shutting down and gave the job back; it was not finished here."""
+
+
+@dataclass
+class Running:
+    job: Job
+    entry_id: str
+    token: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: Why generation stopped early: "cancelled", "fenced" or "handback".
+    stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.cancel.set()
+
+
+def parse_entry(fields: dict[str, Any]) -> Job:
+    raw = fields.get(c.JOB_FIELD)
+    if raw is None:
+        raise BadEntry(f"no '{c.JOB_FIELD}' field (fields: {sorted(fields)[:5]})")
+    if len(raw) > MAX_ENTRY_CHARS:
+        raise BadEntry(f"job is {len(raw)} characters; the limit is {MAX_ENTRY_CHARS}")
+    try:
+        return Job.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise BadEntry(f"invalid job: {problems}") from exc
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engine: Engine, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis
+        self.store = JobStore(redis, settings.job_ttl_s)
+        self.model = engine.model_name
+        self.stream = c.job_stream(self.model)
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.slots = settings.limit_model_concurrency
+        self.running: dict[str, Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="generate")
+        self._started_ms = now_ms()
+        self._jobs_done = 0
+        self._tokens = _Throughput()
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self._tasks)
+
+    # --- main loop -------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("worker %s serving %r on %s (%d slots)", self.worker_id, self.model, self.stream, self.slots)
+        await self._ensure_group()
+        loops = [self._heartbeat_loop(), self._renew_loop(), self._reclaim_loop(), self._read_loop()]
+        background = [asyncio.create_task(loop) for loop in loops]
+        await self._stopping.wait()
+        await self._drain()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await health.remove(self.redis, self.worker_id)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped", self.worker_id)
+
+    def stop(self) -> None:
+        """Stop taking jobs; running ones get ``shutdown_grace_s`` to finish, then are handed back."""
+        if not self._stopping.is_set():
+            log.info("worker %s stopping: no new jobs, %d running", self.worker_id, len(self._tasks))
+            self._stopping.set()
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace_s)
+            if pending:
+                for run in self.running.values():
+                    run.stop("handback")
+                await asyncio.wait(pending, timeout=30)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, c.CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read_loop(self) -> None:
+        while not self._stopping.is_set():
+            if self.free_slots <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                response = await self.redis.xreadgroup(
+                    c.CONSUMER_GROUP, self.worker_id, {self.stream: ">"}, count=self.free_slots, block=1000
+                )
+            except (RedisError, OSError) as exc:
+                await self._on_redis_error("read", exc)
+                continue
+            for _, entries in response or []:
+                for entry_id, fields in entries:
+                    self._spawn(entry_id, fields or {}, reclaimed=False)
+
+    async def _reclaim_loop(self) -> None:
+        interval = max(0.2, min(self.settings.lease_s / 2, 5.0))
+        while not self._stopping.is_set():
+            await asyncio.sleep(interval)
+            if self.free_slots <= 0 or self._stopping.is_set():
+                continue
+            try:
+                _, claimed, _ = await self.redis.xautoclaim(
+                    self.stream,
+                    c.CONSUMER_GROUP,
+                    self.worker_id,
+                    int(self.settings.lease_s * 1000),
+                    start_id="0-0",
+                    count=self.free_slots,
+                )
+            except (RedisError, OSError) as exc:
+                await self._on_redis_error("reclaim", exc)
+                continue
+            for entry_id, fields in claimed:
+                log.info("entry %s reclaimed from a silent worker", entry_id)
+                self._spawn(entry_id, fields or {}, reclaimed=True)
+
+    async def _renew_loop(self) -> None:
+        while not self._stopping.is_set() or self.running:
+            await asyncio.sleep(self.settings.lease_renew_s)
+            with contextlib.suppress(RedisError, OSError):
+                await self._renew_all()
+
+    async def _renew_all(self) -> None:
+        owned = []
+        for job_id, run in list(self.running.items()):
+            state = await self.store.renew(job_id, run.token)
+            if state == 0:
+                run.stop("fenced")
+            elif state == 2:
+                run.stop("cancelled")
+            else:
+                owned.append(run.entry_id)
+        if owned:
+            await self.redis.xclaim(self.stream, c.CONSUMER_GROUP, self.worker_id, 0, owned, justid=True)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await health.record(self.redis, self._health(), self.settings.health_ttl_s)
+                await self._ensure_group()  # re-creates the group after a Redis restart without persistence
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    def _health(self) -> WorkerHealth:
+        return WorkerHealth(
+            worker_id=self.worker_id,
+            model=self.model,
+            slots=self.slots,
+            running=len(self._tasks),
+            tokens_per_s=round(self._tokens.rate(), 2),
+            jobs_done=self._jobs_done,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=self.engine.device,
+            started_ms=self._started_ms,
+            draining=self._stopping.is_set(),
+        )
+
+    async def _on_redis_error(self, what: str, exc: BaseException) -> None:
+        log.warning("redis error during %s: %s; retrying", what, exc)
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(RedisError, OSError):
+            await self._ensure_group()
+
+    def _spawn(self, entry_id: str, fields: dict[str, Any], reclaimed: bool) -> None:
+        task = asyncio.create_task(self._handle(entry_id, fields, reclaimed))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("job handler crashed: %r", exc, exc_info=exc)
+
+    # --- one job -----------------------------------------------------------------------------------------------
+
+    async def _handle(self, entry_id: str, fields: dict[str, Any], reclaimed: bool) -> None:
+        try:
+            job = parse_entry(fields)
+        except BadEntry as exc:
+            await self._reject_entry(entry_id, fields, str(exc))
+            return
+        token = uuid.uuid4().hex[:12]
+        decision = await self.store.start(job.id, entry_id, token, self.worker_id, now_ms())
+        if not decision.run:
+            log.info("job %s duplicate of a %s job: not run again", job.id, decision.status)
+            await self._ack(entry_id)
+            return
+        run = Running(job, entry_id, token)
+        if reason := self._refusal(job, decision.attempts, decision.cancelled, decision.resumed):
+            await self._refuse(run, *reason)
+            return
+        self.running[job.id] = run
+        try:
+            await self._execute(run, decision.resumed, reclaimed)
+        finally:
+            self.running.pop(job.id, None)
+
+    def _refusal(self, job: Job, attempts: int, cancelled: bool, resumed: bool) -> tuple[str, Event] | None:
+        if cancelled:
+            return "cancelled before start", Cancelled()
+        if attempts > self.settings.max_attempts:
+            message = f"job failed on {attempts - 1} deliveries (limit {self.settings.max_attempts}); dead-lettered"
+            return "dead-lettered", Failed(error_code=ErrorCode.INTERNAL_ERROR, message=message)
+        if job.expired() and not resumed:
+            late = (now_ms() - (job.deadline_ms or 0)) / 1000
+            message = f"no worker started the job before its deadline ({late:.1f}s late); it was not run"
+            return "deadline passed", Failed(error_code=ErrorCode.CONTROLLER_WORKER_TIMEOUT, message=message)
+        return None
+
+    async def _refuse(self, run: Running, what: str, event: Event) -> None:
+        log.info("job %s %s", run.job.id, what)
+        if what == "dead-lettered":
+            await self._dead_letter(
+                run.entry_id, {c.JOB_FIELD: run.job.model_dump_json()}, event_text(event), run.job.id
+            )
+        await self.store.publish(run.job.id, run.token, event)
+        await self._ack(run.entry_id)
+
+    async def _execute(self, run: Running, resumed: bool, reclaimed: bool) -> None:
+        job, started = run.job, time.perf_counter()
+        prefix = replay_text(await replay(self.redis, job.id)) if resumed else ""
+        queued_s = max(0.0, (now_ms() - job.created_ms) / 1000)
+        transition = "resumed" if resumed else "started"
+        log.info(
+            "job %s %s (queued %.2fs, %d chars already sent%s)",
+            job.id,
+            transition,
+            queued_s,
+            len(prefix),
+            ", reclaimed" if reclaimed else "",
+        )
+        if await self.store.publish(job.id, run.token, Started(worker=self.worker_id, resumed=resumed)) == FENCED:
+            return
+        relay = _Relay(self, run)
+        try:
+            finish = await relay.generate(prefix)
+        except Handback:
+            await self._hand_back(run)
+            return
+        except JobError as exc:
+            await self._finish(run, Failed(error_code=exc.code, message=exc.message), started, f"failed: {exc}")
+            return
+        except Exception as exc:  # the error boundary: log the real error, tell the client what it was
+            log.exception("job %s crashed in the engine", job.id)
+            await self._finish(
+                run,
+                Failed(error_code=ErrorCode.INTERNAL_ERROR, message=f"{type(exc).__name__}: {exc}"),
+                started,
+                "failed",
+            )
+            return
+        if run.stop_reason == "fenced":
+            log.info("job %s taken over by another worker: this worker publishes nothing more", job.id)
+        elif run.stop_reason == "cancelled":
+            await self._finish(run, Cancelled(), started, "cancelled")
+        else:
+            done = Done(finish_reason=finish.finish_reason, usage=finish.usage)
+            await self._finish(run, done, started, f"done ({finish.usage.completion_tokens} tokens)")
+
+    async def _finish(self, run: Running, event: Event, started: float, what: str) -> None:
+        if await self.store.publish(run.job.id, run.token, event) == FENCED:
+            log.info("job %s taken over before it finished here", run.job.id)
+            return
+        self._jobs_done += 1
+        log.info("job %s %s in %.2fs", run.job.id, what, time.perf_counter() - started)
+        await self._ack(run.entry_id)
+
+    async def _hand_back(self, run: Running) -> None:
+        if await self.store.release(run.job.id, run.token):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.stream, {c.JOB_FIELD: run.job.model_dump_json()})
+                pipe.xack(self.stream, c.CONSUMER_GROUP, run.entry_id)
+                pipe.xdel(self.stream, run.entry_id)
+                await pipe.execute()
+            log.info("job %s handed back on shutdown; another worker resumes it", run.job.id)
+
+    async def _ack(self, entry_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, c.CONSUMER_GROUP, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            await pipe.execute()
+
+    async def _reject_entry(self, entry_id: str, fields: dict[str, Any], reason: str) -> None:
+        job_id = entry_job_id(fields)
+        log.warning("entry %s dead-lettered: %s", entry_id, reason)
+        await self._dead_letter(entry_id, fields, reason, job_id)
+        if job_id is not None:  # tell whoever waits on this id why nothing will come
+            token = uuid.uuid4().hex[:12]
+            decision = await self.store.start(job_id, entry_id, token, self.worker_id, now_ms())
+            if decision.run:
+                await self.store.publish(
+                    job_id, token, Failed(error_code=ErrorCode.VALIDATION_TYPE_ERROR, message=reason)
+                )
+        await self._ack(entry_id)
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, Any], reason: str, job_id: str | None) -> None:
+        kept = {str(k)[:200]: str(v)[:4096] for k, v in list(fields.items())[:20]}
+        letter = DeadLetter(stream=self.stream, entry_id=entry_id, job_id=job_id, reason=reason, fields=kept)
+        await self.redis.xadd(
+            c.DEAD_LETTER_STREAM,
+            {"letter": letter.model_dump_json(), "reason": reason[:500]},
+            maxlen=c.DEAD_LETTER_MAXLEN,
+            approximate=True,
+        )
+
+
+def event_text(event: Event) -> str:
+    return event.message if isinstance(event, Failed) else event.type
+
+
+class _Throughput:
+    """Tokens per second over the last minute, for the health key."""
+
+    def __init__(self) -> None:
+        self._stamps: list[tuple[float, int]] = []
+
+    def add(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._stamps.append((now, tokens))
+        while self._stamps and self._stamps[0][0] < now - 60:
+            self._stamps.pop(0)
+
+    def rate(self) -> float:
+        if len(self._stamps) < 2:
+            return 0.0
+        span = self._stamps[-1][0] - self._stamps[0][0]
+        return sum(n for _, n in self._stamps) / span if span > 0 else 0.0
+
+
+class _Relay:
+    """Runs the engine in a thread and publishes its deltas, coalescing those produced within the interval.
+
+    One publish is in flight at a time; whatever arrives meanwhile goes out in the next event. Publishing checks
+    ownership and the cancel flag, so cancel and take-over stop generation within one token.
+    """
+
+    def __init__(self, worker: Worker, run: Running) -> None:
+        self._worker = worker
+        self._run = run
+        self._loop = asyncio.get_running_loop()
+        self._buffer: list[str] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._interval_s = worker.settings.stream_interval_ms / 1000
+
+    def _feed(self, text: str) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._add, text)
+
+    def _add(self, text: str) -> None:
+        self._buffer.append(text)
+        self._wake.set()
+
+    async def generate(self, prefix: str) -> Finish:
+        pump = asyncio.create_task(self._pump())
+        try:
+            finish = await self._loop.run_in_executor(
+                self._worker._executor,
+                self._worker.engine.generate,
+                self._run.job,
+                prefix,
+                self._run.cancel,
+                self._feed,
+            )
+        finally:
+            await asyncio.sleep(0)  # let call_soon_threadsafe callbacks land
+            self._closed = True
+            self._wake.set()
+            await pump
+        if self._run.stop_reason == "handback":
+            raise Handback
+        return finish
+
+    async def _pump(self) -> None:
+        last = 0.0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._buffer and not self._closed and self._interval_s:
+                await asyncio.sleep(max(0.0, last + self._interval_s - time.monotonic()))
+            if self._buffer:
+                last = time.monotonic()
+                await self._publish_buffer()
+            if self._closed and not self._buffer:
+                return
+
+    async def _publish_buffer(self) -> None:
+        text, count = "".join(self._buffer), len(self._buffer)
+        self._buffer.clear()
+        if self._run.stop_reason in ("cancelled", "fenced"):
+            return
+        seq = await self._publish_with_retry(Delta(text=text))
+        self._worker._tokens.add(count)
+        if seq == FENCED:
+            self._run.stop("fenced")
+        elif seq == CANCELLED:
+            self._run.stop("cancelled")
+
+    async def _publish_with_retry(self, event: Event) -> int:
+        for attempt in range(20):
+            try:
+                return await self._worker.store.publish(self._run.job.id, self._run.token, event)
+            except (RedisError, OSError) as exc:
+                log.warning("job %s: publish failed (%s), retry %d", self._run.job.id, exc, attempt + 1)
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        self._run.stop("fenced")  # Redis is gone for good: stop; a live worker re-runs the job from the replay
+        return FENCED
