@@ -28,6 +28,7 @@ class Engine(Protocol):
 
     model_name: str
     device: str
+    context_len: int
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         """Run one job. ``answer_prefix`` is text already published by an earlier worker: continue after it."""

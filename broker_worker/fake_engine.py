@@ -23,6 +23,7 @@ class FakeEngine:
     def __init__(self, model_name: str = "fake", token_delay_s: float = 0.0) -> None:
         self.model_name = model_name
         self.device = "cpu"
+        self.context_len = 8192
         self.token_delay_s = token_delay_s
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:

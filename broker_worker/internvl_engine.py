@@ -72,6 +72,7 @@ class InternVLEngine:
     def __init__(self, loaded: LoadedModel, model_name: str, image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.model_name = model_name
         self.device = loaded.device
+        self.context_len = loaded.context_len
         self._m = loaded
         self._limits = image_limits
         self._skip_ids = control_token_ids(loaded.tokenizer)

@@ -157,6 +157,7 @@ class WorkerHealth(BaseModel):
     host: str = ""
     pid: int = 0
     device: str = ""
+    context_len: int = 0
     started_ms: int = Field(default_factory=now_ms)
     updated_ms: int = Field(default_factory=now_ms)
     draining: bool = False

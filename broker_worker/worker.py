@@ -220,6 +220,7 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             device=self.engine.device,
+            context_len=self.engine.context_len,
             started_ms=self._started_ms,
             draining=self._stopping.is_set(),
         )

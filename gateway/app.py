@@ -1,0 +1,100 @@
+"""The FastAPI application: routers, lifespan (Redis client, controller bridge), limits and auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from broker_worker.client import AsyncClient
+from broker_worker.connections import async_redis
+from gateway import routes_controller, routes_openai, routes_ops, routes_worker
+from gateway.controller_bridge import ControllerBridge
+from gateway.deps import require_token
+from gateway.errors import seed_chunk
+from gateway.metrics import Metrics
+from gateway.service import GatewayService
+from gateway.settings import GatewaySettings
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before reading them (Content-Length) or while reading (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(send, int(length))
+            return
+        seen = 0
+
+        async def limited_receive() -> dict[str, object]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge(seen)
+            return dict(message)
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge as exc:
+            await self._refuse(send, exc.size)
+
+    async def _refuse(self, send: Send, size: int) -> None:
+        body = seed_chunk(f"request body of {size} bytes is over the limit of {self.max_bytes} bytes", 40001)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = AsyncClient(async_redis(settings.redis_url))
+        service = GatewayService(settings, client, Metrics())
+        app.state.service = service
+        bridge_task = None
+        if settings.controller_address:
+            app.state.bridge = ControllerBridge(service, settings.controller_address)
+            bridge_task = asyncio.create_task(app.state.bridge.run())
+        yield
+        if bridge_task is not None:
+            bridge_task.cancel()
+            with contextlib.suppress(BaseException):
+                await bridge_task
+            await app.state.bridge.close()
+        await client.close()
+
+    app = FastAPI(
+        title="InternVL Redis gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="InternVL/FastChat worker protocol and OpenAI API in front of Redis-fed workers.",
+    )
+    protected = [Depends(require_token)]
+    app.include_router(routes_worker.router, dependencies=protected)
+    app.include_router(routes_controller.router, dependencies=protected)
+    app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_ops.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

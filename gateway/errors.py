@@ -1,0 +1,40 @@
+"""Errors as each protocol expects them: seed chunks (``json + \\0``) and OpenAI error objects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from broker_worker.errors import ErrorCode, JobError
+
+_HTTP_STATUS = {
+    ErrorCode.VALIDATION_TYPE_ERROR: 400,
+    ErrorCode.INVALID_AUTH_KEY: 401,
+    ErrorCode.INVALID_MODEL: 404,
+    ErrorCode.PARAM_OUT_OF_RANGE: 400,
+    ErrorCode.CONTEXT_OVERFLOW: 400,
+    ErrorCode.RATE_LIMIT: 429,
+    ErrorCode.ENGINE_OVERLOADED: 429,
+    ErrorCode.CONTROLLER_NO_WORKER: 503,
+    ErrorCode.CONTROLLER_WORKER_TIMEOUT: 504,
+}
+
+
+def http_status(code: int) -> int:
+    return _HTTP_STATUS.get(ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL_ERROR, 500)
+
+
+def seed_chunk(text: str, error_code: int = 0, **extra: Any) -> bytes:
+    return json.dumps({"text": text, "error_code": int(error_code), **extra}, ensure_ascii=False).encode() + b"\0"
+
+
+def seed_error(err: JobError) -> Response:
+    """A seed-protocol error: one chunk, parseable by clients that split on NUL and by plain JSON readers."""
+    return Response(seed_chunk(err.message, err.code), status_code=http_status(err.code), media_type="application/json")
+
+
+def openai_error(err: JobError) -> JSONResponse:
+    body = {"error": {"message": err.message, "type": ErrorCode(err.code).name.lower(), "code": int(err.code)}}
+    return JSONResponse(body, status_code=http_status(err.code))

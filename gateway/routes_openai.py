@@ -1,0 +1,120 @@
+"""OpenAI-compatible chat completions (``image_url`` with data: URLs), streaming (SSE) and not."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from broker_worker.errors import JobError
+from broker_worker.messages import Job, SamplingParams, Usage
+from gateway.deps import get_service
+from gateway.errors import openai_error
+from gateway.service import GatewayService
+from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, parse_body
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+Service = Annotated[GatewayService, Depends(get_service)]
+
+
+@router.get("/models")
+async def models(service: Service) -> dict[str, object]:
+    names = (await service.status()).model_names
+    return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "internvl-redis"} for n in names]}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: Annotated[dict[str, Any], Body()], service: Service) -> Response:
+    try:
+        request: OpenAIChatRequest = parse_body(OpenAIChatRequest, body)
+        params = SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_new_tokens=min(
+                request.max_completion_tokens or request.max_tokens or 1024, service.settings.max_new_tokens
+            ),
+            max_input_tiles=request.max_input_tiles,
+            repetition_penalty=request.repetition_penalty,
+        )
+        job = build_job(request.model, openai_to_prompt(request), params, service.settings)
+        await service.admit(job.model)
+    except JobError as exc:
+        service.metrics.requests.labels("chat_completions", "refused").inc()
+        return openai_error(exc)
+    service.metrics.requests.labels("chat_completions", "accepted").inc()
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return StreamingResponse(_sse(service, job, include_usage), media_type="text/event-stream")
+    return await _complete(service, job)
+
+
+async def _complete(service: GatewayService, job: Job) -> Response:
+    text, finish, usage = "", "stop", Usage()
+    try:
+        async for event in service.run(job):
+            if event.type == "delta":
+                text += event.text
+            elif event.type == "done":
+                finish, usage = event.finish_reason, event.usage
+            elif event.type == "failed":
+                raise JobError(event.error_code, event.message)  # type: ignore[arg-type]
+            elif event.type == "cancelled":
+                finish = "cancelled"
+    except JobError as exc:
+        return openai_error(exc)
+    return JSONResponse(
+        {
+            "id": f"chatcmpl-{job.id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": _usage(usage),
+        }
+    )
+
+
+async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        body = {
+            "id": f"chatcmpl-{job.id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for event in service.run(job):
+            if event.type == "delta":
+                yield chunk({"content": event.text})
+            elif event.type == "done":
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    yield chunk({}, None, usage=_usage(event.usage))
+            elif event.type == "cancelled":
+                yield chunk({}, "cancelled")
+            elif event.type == "failed":
+                yield _sse_error(event.message, event.error_code)
+    except JobError as exc:
+        yield _sse_error(exc.message, exc.code)
+    yield b"data: [DONE]\n\n"
+
+
+def _sse_error(message: str, code: int) -> bytes:
+    return b"data: " + json.dumps({"error": {"message": message, "code": code}}).encode() + b"\n\n"
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }

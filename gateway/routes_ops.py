@@ -1,0 +1,80 @@
+"""Operations: health, metrics, and job control by id (resume a stream after a drop, cancel)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from redis.exceptions import RedisError
+
+from broker_worker import constants as c
+from broker_worker.errors import JobError
+from broker_worker.messages import JOB_ID_PATTERN
+from gateway.deps import get_service
+from gateway.errors import seed_chunk
+from gateway.service import GatewayService
+
+router = APIRouter(tags=["operations"])
+Service = Annotated[GatewayService, Depends(get_service)]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN)]
+
+
+@router.get("/health")
+async def health(service: Service) -> Response:
+    try:
+        status = await service.status()
+    except (RedisError, OSError) as exc:
+        return JSONResponse({"status": "unavailable", "redis": False, "error": str(exc)}, status_code=503)
+    per_model: dict[str, int] = {}
+    for w in status.workers:
+        per_model[w.model] = per_model.get(w.model, 0) + 1
+    return JSONResponse({"status": "ok", "redis": True, "workers": per_model, "queues": status.queues})
+
+
+@router.get("/metrics")
+async def metrics(service: Service) -> Response:
+    m = service.metrics
+    try:
+        status = await service.status()
+        m.set_workers(status.workers, status.queues)
+        m.dead_letters.set(await service.client.redis.xlen(c.DEAD_LETTER_STREAM))
+        m.redis_up.set(1)
+    except (RedisError, OSError):
+        m.redis_up.set(0)
+    return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/jobs/{job_id}/stream", response_class=StreamingResponse)
+async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Query(ge=0)] = 0) -> Response:
+    """Continue a job's seed-format stream after sequence number ``after`` (e.g. after a gateway restart).
+
+    Chunk text is cumulative over the events after ``after``; join it to what you already had.
+    """
+    return StreamingResponse(_resume(service, job_id, after), media_type="application/octet-stream")
+
+
+async def _resume(service: GatewayService, job_id: str, after: int) -> AsyncIterator[bytes]:
+    text = ""
+    try:
+        async for event in service.resume(job_id, after):
+            if event.type == "delta":
+                text += event.text
+                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq)
+            elif event.type == "done":
+                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason=event.finish_reason)
+            elif event.type == "failed":
+                yield seed_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
+            elif event.type == "cancelled":
+                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason="cancelled")
+    except JobError as exc:
+        yield seed_chunk(exc.message, exc.code, job_id=job_id)
+    except (RedisError, OSError) as exc:
+        yield seed_chunk(f"Redis unavailable: {exc}", 50001, job_id=job_id)
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: JobId, service: Service) -> dict[str, object]:
+    await service.client.cancel(job_id)
+    return {"job_id": job_id, "cancelled": True}

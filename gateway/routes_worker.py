@@ -1,0 +1,135 @@
+"""The seed worker's HTTP protocol: what InternVL's Streamlit app, api.py and the controller call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from broker_worker.errors import JobError
+from broker_worker.messages import Job
+from gateway.deps import get_service
+from gateway.errors import seed_chunk, seed_error
+from gateway.service import GatewayService
+from gateway.validation import SeedRequest, build_job, parse_body
+
+router = APIRouter(tags=["worker protocol"])
+Service = Annotated[GatewayService, Depends(get_service)]
+JsonBody = Annotated[
+    dict[str, Any],
+    Body(
+        examples=[
+            {
+                "model": "tiny-internvl",
+                "prompt": [{"role": "user", "content": "Hello"}],
+                "temperature": 0.7,
+                "top_p": 0.95,
+                "max_new_tokens": 64,
+                "max_input_tiles": 12,
+                "repetition_penalty": 1.1,
+            }
+        ]
+    ),
+]
+
+
+async def _prepare(service: GatewayService, body: dict[str, Any]) -> Job:
+    request: SeedRequest = parse_body(SeedRequest, body)
+    job = build_job(request.model, request.prompt, request, service.settings, request.job_id)
+    await service.admit(job.model)
+    return job
+
+
+@router.post(
+    "/worker_generate_stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "JSON chunks, each followed by a NUL byte", "content": {"application/octet-stream": {}}}
+    },
+)
+async def worker_generate_stream(body: JsonBody, service: Service) -> Response:
+    try:
+        job = await _prepare(service, body)
+    except JobError as exc:
+        service.metrics.requests.labels("worker_generate_stream", "refused").inc()
+        return seed_error(exc)
+    service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
+    return StreamingResponse(
+        seed_stream(service, job), media_type="application/octet-stream", headers={"X-Job-Id": job.id}
+    )
+
+
+async def seed_stream(service: GatewayService, job: Job) -> AsyncIterator[bytes]:
+    """Cumulative-text chunks; the last one carries usage/finish_reason or a non-zero error_code."""
+    text = ""
+    try:
+        async for event in service.run(job):
+            if event.type == "delta":
+                text += event.text
+                yield seed_chunk(text, 0, job_id=job.id, seq=event.seq)
+            elif event.type == "done":
+                yield seed_chunk(
+                    text,
+                    0,
+                    job_id=job.id,
+                    seq=event.seq,
+                    finish_reason=event.finish_reason,
+                    usage=event.usage.model_dump() | {"total_tokens": event.usage.total_tokens},
+                )
+            elif event.type == "failed":
+                yield seed_chunk(event.message, event.error_code, job_id=job.id, seq=event.seq)
+            elif event.type == "cancelled":
+                yield seed_chunk(text, 0, job_id=job.id, seq=event.seq, finish_reason="cancelled")
+    except JobError as exc:
+        yield seed_chunk(exc.message, exc.code, job_id=job.id)
+
+
+@router.post("/worker_generate")
+async def worker_generate(body: JsonBody, service: Service) -> Response:
+    """The same job, answered as one JSON object when it ends."""
+    try:
+        job = await _prepare(service, body)
+    except JobError as exc:
+        return seed_error(exc)
+    last: dict[str, Any] = {"text": "", "error_code": 0}
+    text = ""
+    try:
+        async for event in service.run(job):
+            if event.type == "delta":
+                text += event.text
+            elif event.type == "done":
+                last = {
+                    "text": text,
+                    "error_code": 0,
+                    "finish_reason": event.finish_reason,
+                    "usage": event.usage.model_dump() | {"total_tokens": event.usage.total_tokens},
+                }
+            elif event.type == "failed":
+                last = {"text": event.message, "error_code": event.error_code}
+            elif event.type == "cancelled":
+                last = {"text": text, "error_code": 0, "finish_reason": "cancelled"}
+    except JobError as exc:
+        return seed_error(exc)
+    return JSONResponse(last | {"job_id": job.id})
+
+
+@router.post("/worker_get_status")
+async def worker_get_status(service: Service) -> dict[str, object]:
+    return (await service.status()).to_seed()
+
+
+@router.post("/count_token")
+async def count_token(body: JsonBody) -> dict[str, object]:
+    """The gateway has no tokenizer (no torch); this is an estimate (UTF-8 bytes / 4), marked as such."""
+    prompt = body.get("prompt", "")
+    text = prompt if isinstance(prompt, str) else str(prompt)
+    return {"count": max(1, len(text.encode()) // 4), "error_code": 0, "approximate": True}
+
+
+@router.post("/model_details")
+async def model_details(service: Service, body: JsonBody | None = None) -> dict[str, object]:
+    model = (body or {}).get("model")
+    workers = [w for w in (await service.status()).workers if model is None or w.model == model]
+    return {"context_length": min((w.context_len for w in workers if w.context_len), default=0)}

@@ -1,0 +1,118 @@
+"""What every HTTP protocol of the gateway shares: model checks, admission, and streaming a job from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from broker_worker.client import AsyncClient
+from broker_worker.errors import ErrorCode, JobError
+from broker_worker.messages import Event, Job, WorkerHealth
+from gateway.metrics import Metrics
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class Status:
+    workers: list[WorkerHealth]
+    queues: dict[str, int]
+
+    @property
+    def model_names(self) -> list[str]:
+        return sorted({w.model for w in self.workers if not w.draining} or {w.model for w in self.workers})
+
+    @property
+    def queue_length(self) -> int:
+        return sum(self.queues.values())
+
+    def to_seed(self) -> dict[str, object]:
+        return {"model_names": self.model_names, "speed": max(1, len(self.workers)), "queue_length": self.queue_length}
+
+
+class GatewayService:
+    def __init__(self, settings: GatewaySettings, client: AsyncClient, metrics: Metrics) -> None:
+        self.settings = settings
+        self.client = client
+        self.metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def status(self) -> Status:
+        workers = await self.client.workers()
+        models = sorted({w.model for w in workers})
+        queues = {m: await self.client.queue_length(m) for m in models}
+        return Status(workers, queues)
+
+    async def admit(self, model: str) -> None:
+        """Refuse at once what no worker will take: unknown model (40301), full queue (42903)."""
+        try:
+            status = await self.status()
+        except (RedisError, OSError) as exc:
+            raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
+        if model not in status.model_names:
+            served = ", ".join(status.model_names) or "none"
+            raise JobError(ErrorCode.INVALID_MODEL, f"no live worker serves model {model!r} (served: {served})")
+        depth = status.queues.get(model, 0)
+        if depth >= self.settings.max_queue:
+            raise JobError(
+                ErrorCode.ENGINE_OVERLOADED,
+                f"{depth} jobs are queued or running for {model!r} (limit {self.settings.max_queue}); "
+                "retry later or start more workers",
+            )
+
+    async def run(self, job: Job) -> AsyncIterator[Event]:
+        """Submit and stream; a client that goes away cancels the job. Ends with a terminal event or JobError."""
+        started, first, finished = time.monotonic(), True, False
+        try:
+            async for event in self.client.generate(job, **self._timeouts()):
+                if event.type == "delta" and first:
+                    first = False
+                    self.metrics.ttft.labels(job.model).observe(time.monotonic() - started)
+                self._observe(job, event, started)
+                finished = event.type in ("done", "failed", "cancelled")
+                yield event
+        except (RedisError, OSError) as exc:
+            raise JobError(ErrorCode.INTERNAL_ERROR, f"lost Redis while streaming job {job.id}: {exc}") from exc
+        except JobError as exc:
+            self.metrics.jobs.labels(job.model, "timeout").inc()
+            raise exc
+        finally:
+            if not finished:
+                self.cancel_later(job.id)
+
+    async def resume(self, job_id: str, after_seq: int) -> AsyncIterator[Event]:
+        async for event in self.client.stream(job_id, after_seq, **self._timeouts()):
+            yield event
+
+    def _timeouts(self) -> dict[str, float | None]:
+        return {"start_timeout_s": self.settings.start_timeout_s + 5, "idle_timeout_s": self.settings.idle_timeout_s}
+
+    def _observe(self, job: Job, event: Event, started: float) -> None:
+        if event.type == "started" and event.resumed:
+            self.metrics.resumes.labels(job.model).inc()
+        elif event.type == "done":
+            self.metrics.jobs.labels(job.model, "done").inc()
+            elapsed = time.monotonic() - started
+            if elapsed > 0:
+                self.metrics.tokens_per_s.labels(job.model).observe(event.usage.completion_tokens / elapsed)
+        elif event.type in ("failed", "cancelled"):
+            self.metrics.jobs.labels(job.model, event.type).inc()
+
+    def cancel_later(self, job_id: str) -> None:
+        """Cancel from a finally block (the request task may itself be cancelled): run it as its own task."""
+        task = asyncio.get_running_loop().create_task(self._cancel(job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, job_id: str) -> None:
+        try:
+            await self.client.cancel(job_id)
+            log.info("job %s cancelled: its client went away", job_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not cancel job %s: %s", job_id, exc)

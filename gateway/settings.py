@@ -1,0 +1,32 @@
+"""Gateway settings: CLI flag > environment (``GATEWAY_*``, ``REDIS_URL``) > ``.env`` > default."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from broker_worker.settings import RedisSettings
+
+
+class GatewaySettings(RedisSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=1, le=65535, description="port to listen on")
+    worker_address: str | None = Field(
+        default=None, description="this gateway's public URL, given to the controller (default http://host:port)"
+    )
+    controller_address: str | None = Field(default=None, description="FastChat/InternVL controller to register with")
+    heartbeat_s: float = Field(default=15.0, gt=0, description="controller heartbeat period (expiry: 30 s InternVL)")
+    api_token: str | None = Field(default=None, description="require 'Authorization: Bearer <token>'")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="largest request body")
+    max_images: int = Field(default=16, ge=0, description="images per request")
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="pixels per image")
+    max_new_tokens: int = Field(default=4096, ge=1, description="largest max_new_tokens / max_tokens")
+    max_queue: int = Field(default=256, ge=1, description="queued + running jobs per model before 42903")
+    start_timeout_s: float = Field(default=120.0, gt=0, description="a job no worker starts in this time fails")
+    idle_timeout_s: float = Field(default=120.0, gt=0, description="a started job silent this long fails")
+    log_level: str = Field(default="info")
+
+    def public_url(self) -> str:
+        return (self.worker_address or f"http://{self.host}:{self.port}").rstrip("/")

@@ -1,0 +1,144 @@
+"""Requests in, jobs out: the seed payload and OpenAI chat messages become a ``Job`` within the gateway's limits.
+
+Images are checked here (base64, format, header size) so bad input is refused in milliseconds with a typed
+error, before anything is queued. Only the header is parsed: a decompression bomb is never decompressed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker_worker.errors import ErrorCode, JobError, invalid
+from broker_worker.images import ImageLimits, decode_base64, strip_data_url
+from broker_worker.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
+from gateway.settings import GatewaySettings
+
+
+class SeedRequest(SamplingParams):
+    """Body of ``/worker_generate_stream`` as InternVL's Streamlit app and api.py send it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: list[ChatMessage] = Field(min_length=1, max_length=256)
+    job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent)")
+
+
+class OpenAIImageUrl(BaseModel):
+    url: str
+
+
+class OpenAIPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: OpenAIImageUrl | None = None
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[OpenAIPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    max_input_tiles: int = Field(default=12, ge=1, le=64)
+    n: int = Field(default=1, ge=1, le=1)
+
+
+def validation_error(exc: ValidationError) -> JobError:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+    return invalid(f"invalid request: {problems}")
+
+
+def parse_body(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
+    prompt = []
+    for message in request.messages:
+        role = "system" if message.role == "developer" else message.role
+        if isinstance(message.content, list):
+            text = "".join(p.text or "" for p in message.content if p.type == "text")
+            images = [_data_url(p.image_url.url) for p in message.content if p.type == "image_url" and p.image_url]
+        else:
+            text, images = message.content or "", []
+        prompt.append(ChatMessage(role=role, content=text, image=images))
+    return prompt
+
+
+def _data_url(url: str) -> str:
+    if not url.startswith("data:"):
+        raise invalid("image_url must be a data: URL (base64); the gateway does not fetch remote images")
+    return strip_data_url(url)
+
+
+def build_job(
+    model: str, prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings, job_id: str | None = None
+) -> Job:
+    check_limits(prompt, params, settings)
+    deadline_ms = int((time.time() + settings.start_timeout_s) * 1000)
+    fields: dict[str, Any] = params.model_dump(include=set(SamplingParams.model_fields))
+    if job_id:
+        fields["id"] = job_id
+    try:
+        return Job(model=model, prompt=prompt, deadline_ms=deadline_ms, **fields)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings) -> None:
+    if params.max_new_tokens > settings.max_new_tokens:
+        raise JobError(
+            ErrorCode.PARAM_OUT_OF_RANGE,
+            f"max_new_tokens {params.max_new_tokens} is over this gateway's limit {settings.max_new_tokens}",
+        )
+    images = [b64 for m in prompt for b64 in m.image]
+    if len(images) > settings.max_images:
+        raise JobError(
+            ErrorCode.PARAM_OUT_OF_RANGE,
+            f"{len(images)} images in one request; this gateway accepts at most {settings.max_images}",
+        )
+    limits = ImageLimits(max_pixels=settings.max_image_pixels)
+    for index, b64 in enumerate(images, start=1):
+        check_image_header(decode_base64(b64, index, limits), index, limits)
+
+
+def check_image_header(data: bytes, index: int, limits: ImageLimits) -> None:
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size  # header only: nothing is decompressed
+    except Image.DecompressionBombError as exc:
+        raise invalid(f"image {index}: refused as a decompression bomb ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise invalid(f"image {index}: not a readable image ({type(exc).__name__})") from exc
+    if width * height > limits.max_pixels or max(width, height) > limits.max_side:
+        raise invalid(f"image {index}: {width}x{height} pixels is over the limit ({limits.max_pixels} pixels)")
