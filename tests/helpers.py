@@ -1,0 +1,173 @@
+"""Test helpers: a real redis-server per session, worker and gateway processes, and waiting on conditions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition", step: float = 0.05) -> Any:
+    """Poll until ``condition()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    directory: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(self.directory), "--logfile", str(self.directory / f"redis-{self.port}.log"), *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._pings, 10, "redis-server to answer")
+        return self
+
+    def _pings(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> None:
+        wait_for(lambda: len(re.findall(pattern, self.log())) >= count, timeout, f"{self.name} log {pattern!r}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGCONT)
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return int(self.popen.returncode)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+    handle = log_path.open("wb")
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    return Proc(name, popen, log_path)
+
+
+def worker_args(redis_url: str, *, model: str = "fake", model_path: Path | None = None, delay: float = 0.01,
+                lease_s: float = 2.0, slots: int = 5, extra: list[str] | None = None) -> list[str]:
+    args = [str(BIN / "broker-worker"), "run", "--redis-url", redis_url, "--model-name", model,
+            "--lease-s", str(lease_s), "--lease-renew-s", str(lease_s / 4), "--heartbeat-s", "0.5",
+            "--limit-model-concurrency", str(slots), "--shutdown-grace-s", "1"]
+    if model_path is None:
+        args += ["--fake-engine", "--fake-token-delay-s", str(delay)]
+    else:
+        args += ["--model-path", str(model_path), "--device", "cpu"]
+    return args + (extra or [])
+
+
+def live_worker_ids(r: redis.Redis, model: str) -> list[str]:
+    ids = r.zrangebyscore("ivl:workers", int(time.time() * 1000), "+inf")
+    out = []
+    for worker_id in ids:
+        raw = r.get(f"ivl:worker:{worker_id}")
+        if raw and json.loads(raw)["model"] == model:
+            out.append(worker_id)
+    return out
+
+
+def png_b64(width: int = 320, height: int = 240, seed: int = 0) -> str:
+    image = Image.effect_noise((width, height), 40 + seed).convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def events(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    return [json.loads(f["e"]) for _, f in r.xrange(f"ivl:job:{{{job_id}}}:events")]
+
+
+def text_of(evs: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in evs if e["type"] == "delta")
+
+
+def wait_terminal(r: redis.Redis, job_id: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    def terminal() -> list[dict[str, Any]] | None:
+        evs = events(r, job_id)
+        return evs if evs and evs[-1]["type"] in ("done", "failed", "cancelled") else None
+
+    result: list[dict[str, Any]] = wait_for(terminal, timeout, f"job {job_id} to end")
+    return result
+
+
+def submit(r: redis.Redis, job: dict[str, Any]) -> None:
+    r.xadd(f"ivl:jobs:{job['model']}", {"job": json.dumps(job)})
+
+
+def job(job_id: str, model: str = "fake", question: str = "hello", tokens: int = 20, **extra: Any) -> dict[str, Any]:
+    return {"id": job_id, "model": model, "prompt": [{"role": "user", "content": question}],
+            "max_new_tokens": tokens, **extra}

@@ -1,0 +1,160 @@
+"""The InternVL engine on the tiny random-weight checkpoint (its text is noise; the tests compare behaviour)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from broker_worker.decoding import control_token_ids
+from broker_worker.errors import JobError
+from broker_worker.internvl_engine import InternVLEngine
+from broker_worker.loading import CheckpointError, LoadOptions, load
+from broker_worker.messages import Job
+from tests.helpers import png_b64
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> InternVLEngine:
+    return InternVLEngine(load(LoadOptions(tiny_model)), "tiny")
+
+
+def make_job(question: str = "hi", images: int = 0, system: str = "SYS", size: tuple[int, int] = (300, 200),
+             **params: object) -> Job:
+    prompt = [{"role": "system", "content": system},
+              {"role": "user", "content": question, "image": [png_b64(*size, k) for k in range(images)]}]
+    return Job.model_validate({"model": "tiny", "prompt": prompt, "temperature": 0, "max_new_tokens": 24, **params})
+
+
+def run(engine: InternVLEngine, job: Job, cancel: threading.Event | None = None) -> tuple[list[str], object]:
+    deltas: list[str] = []
+    finish = engine.generate(job, "", cancel or threading.Event(), deltas.append)
+    return deltas, finish
+
+
+def test_loads_native_checkpoint(engine: InternVLEngine) -> None:
+    m = engine._m
+    assert (m.format, m.image_size, m.tokens_per_tile, m.context_len, m.use_thumbnail) == ("native", 448, 256, 8192, True)
+    assert engine.context_len == 8192
+
+
+def test_greedy_stream_equals_non_streamed_output(engine: InternVLEngine) -> None:
+    job = make_job("describe", images=1)
+    deltas, finish = run(engine, job)
+    prepared = engine.prepare(job)
+    with torch.inference_mode():
+        out = engine._m.model.generate(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
+                                       pixel_values=prepared.pixel_values, max_new_tokens=24, do_sample=False,
+                                       repetition_penalty=job.repetition_penalty,
+                                       eos_token_id=sorted(engine._eos_ids), pad_token_id=engine._pad_id())
+    new_ids = out[0, prepared.input_ids.shape[1]:].tolist()
+    skip = control_token_ids(engine._m.tokenizer)
+    expected = engine._m.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False)
+    assert "".join(deltas) == expected
+    assert finish.usage.completion_tokens == len(new_ids)  # type: ignore[attr-defined]
+    assert finish.usage.prompt_tokens == prepared.input_ids.shape[1]  # type: ignore[attr-defined]
+
+
+def test_image_tokens_expanded_per_tile(engine: InternVLEngine) -> None:
+    prepared = engine.prepare(make_job("q", images=2, max_input_tiles=4))
+    context_id = engine._m.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    tiles = prepared.pixel_values.shape[0]  # type: ignore[union-attr]
+    assert int((prepared.input_ids == context_id).sum()) == 256 * tiles
+    # 300x200 with budget 2 (4 // 2 images): the 2x1 grid ties with 1x1 and the image is small -> 1 tile each
+    assert tiles == 2
+
+
+def test_concurrent_system_prompts_do_not_leak(engine: InternVLEngine) -> None:
+    jobs = [make_job("same question", system=f"system prompt {k} " * (k + 1)) for k in range(4)]
+    serial = ["".join(run(engine, j)[0]) for j in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda j: "".join(run(engine, j)[0]), jobs * 2))
+    assert parallel == serial * 2
+    assert len(set(serial)) > 1  # different system prompts give different (noise) answers
+    for k, job in enumerate(jobs):
+        assert f"system prompt {k}" in engine._m.tokenizer.decode(engine.prepare(job).input_ids[0])
+
+
+def test_cancel_stops_within_one_token(engine: InternVLEngine) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    deltas, finish = run(engine, make_job("long", max_new_tokens=400, temperature=0.9), cancel)
+    assert finish.usage.completion_tokens == 1  # type: ignore[attr-defined]  # the token in flight, no more
+
+
+def test_cancel_during_generation(engine: InternVLEngine) -> None:
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def on_delta(text: str) -> None:
+        seen.append(text)
+        if len("".join(seen)) >= 3:
+            cancel.set()
+
+    finish = engine.generate(make_job("long", max_new_tokens=400, temperature=0.9), "", cancel, on_delta)
+    assert cancel.is_set()
+    assert finish.usage.completion_tokens < 400  # type: ignore[attr-defined]
+    assert len(seen) <= 4
+
+
+def test_resume_prefix_is_continued_not_restarted(engine: InternVLEngine) -> None:
+    job = make_job("story", max_new_tokens=24)
+    full = "".join(run(engine, job)[0])
+    prefix = full[: len(full) // 2]
+    deltas: list[str] = []
+    engine.generate(job, prefix, threading.Event(), deltas.append)
+    prepared = engine.prepare(job, prefix)
+    assert engine._m.tokenizer.decode(prepared.input_ids[0]).endswith(prefix)
+    assert prepared.max_new_tokens < 24
+
+
+def test_context_overflow_is_typed(engine: InternVLEngine) -> None:
+    job = make_job("q", images=3, size=(1200, 900), max_input_tiles=36)  # 3 x (grid 12 + thumbnail) x 256 tokens > 8192
+    with pytest.raises(JobError) as err:
+        engine.prepare(job)
+    assert err.value.code == 40303
+    assert "context is 8192" in err.value.message
+
+
+def test_bad_image_is_typed(engine: InternVLEngine) -> None:
+    job = Job.model_validate({"model": "tiny", "prompt": [{"role": "user", "content": "q", "image": ["!!"]}]})
+    with pytest.raises(JobError) as err:
+        run(engine, job)
+    assert err.value.code == 40001
+
+
+def test_repeated_images_come_from_the_tile_cache(engine: InternVLEngine) -> None:
+    job = make_job("q", images=1, max_input_tiles=5)
+    engine.prepare(job)
+    hits = engine._tiles.hits
+    engine.prepare(job)
+    assert engine._tiles.hits == hits + 1
+
+
+def test_grounding_tokens_survive(engine: InternVLEngine) -> None:
+    tok = engine._m.tokenizer
+    ids = tok("<ref>dog</ref><box>[[1, 2, 3, 4]]</box>")["input_ids"]
+    from broker_worker.decoding import IncrementalDecoder
+
+    decoder = IncrementalDecoder(tok, control_token_ids(tok))
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "<ref>dog</ref><box>[[1, 2, 3, 4]]</box>"
+
+
+def test_refuses_what_cannot_load(tmp_path: Path, tiny_model: Path) -> None:
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load(LoadOptions(tmp_path))
+    remote = tmp_path / "internlm2"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "llm_config": {
+        "architectures": ["InternLM2ForCausalLM"], "num_hidden_layers": 24}}))
+    with pytest.raises(CheckpointError, match="convert_internvl_weights_to_hf"):
+        load(LoadOptions(remote))
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="need a CUDA GPU"):
+            load(LoadOptions(tiny_model, load_8bit=True))
+        with pytest.raises(CheckpointError, match="needs CUDA"):
+            load(LoadOptions(tiny_model, device="auto"))
