@@ -1,0 +1,237 @@
+"""The worker's mechanics against a real redis-server, with the deterministic fake engine in worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from broker_worker.client import AsyncClient
+from broker_worker.connections import async_redis
+from broker_worker.fake_engine import fake_tokens
+from broker_worker.messages import Job
+from tests.helpers import BIN, ROOT, RedisServer, events, job, submit, text_of, wait_for, wait_terminal
+
+
+def expected_text(question: str, tokens: int) -> str:
+    return "".join(fake_tokens(Job.model_validate(job("x", question=question, tokens=tokens))))
+
+
+def owner_pid(evs: list[dict[str, object]]) -> int:
+    started = [e for e in evs if e["type"] == "started"]
+    return int(str(started[-1]["worker"]).split("-")[-2])
+
+
+async def collect(url: str, job_id: str) -> list[dict[str, object]]:
+    client = AsyncClient(async_redis(url))
+    try:
+        return [json.loads(e.model_dump_json()) async for e in client.stream(job_id, idle_timeout_s=60)]
+    finally:
+        await client.close()
+
+
+def test_two_workers_share_the_stream(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker(delay=0.01)
+    start_worker(delay=0.01)
+    for k in range(12):
+        submit(r, job(f"j{k}", question=f"q{k}", tokens=20))
+    results = [wait_terminal(r, f"j{k}") for k in range(12)]
+    assert all(evs[-1]["type"] == "done" for evs in results)
+    assert [text_of(evs) for evs in results] == [expected_text(f"q{k}", 20) for k in range(12)]
+    workers = {e["worker"] for evs in results for e in evs if e["type"] == "started"}
+    assert len(workers) == 2
+    assert r.xlen("ivl:jobs:fake") == 0  # processed entries are deleted
+
+
+def test_same_id_runs_once_and_late_subscriber_gets_everything(  # type: ignore[no-untyped-def]
+    r: redis.Redis, redis_server: RedisServer, start_worker
+) -> None:
+    worker = start_worker(delay=0.005)
+    submit(r, job("dup", tokens=15))
+    submit(r, job("dup", tokens=15))
+    first = wait_terminal(r, "dup")
+    submit(r, job("dup", tokens=15))
+    wait_for(lambda: r.xlen("ivl:jobs:fake") == 0, 10, "duplicates to be acked")
+    worker.wait_log("job dup duplicate", count=2)
+    assert events(r, "dup") == first
+    assert [e["type"] for e in first].count("started") == 1
+    late = asyncio.run(collect(redis_server.url, "dup"))
+    assert late == first
+    assert text_of(late) == expected_text("hello", 15)
+
+
+def test_cancel_from_plain_redis_stops_within_one_token(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker(delay=0.02, extra=["--stream-interval-ms", "0"])
+    submit(r, job("c1", tokens=500))
+    wait_for(lambda: len(text_of(events(r, "c1")).split()) >= 5, 20, "some tokens")
+    before = len(text_of(events(r, "c1")).split())
+    r.set("ivl:job:{c1}:cancel", 1, ex=60)
+    evs = wait_terminal(r, "c1", 10)
+    assert evs[-1]["type"] == "cancelled"
+    assert len(text_of(evs).split()) <= before + 1
+    worker.wait_log("job c1 cancelled")
+    assert r.hget("ivl:job:{c1}:state", "status") == "cancelled"
+
+
+def test_job_past_its_deadline_is_not_run(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    submit(r, job("late", deadline_ms=int(time.time() * 1000) - 1000))
+    evs = wait_terminal(r, "late")
+    assert [e["type"] for e in evs] == ["failed"]
+    assert evs[0]["error_code"] == 50006
+    assert "deadline" in evs[0]["message"]
+
+
+def test_cancelled_before_start_never_runs(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    r.set("ivl:job:{early}:cancel", 1, ex=60)
+    start_worker()
+    submit(r, job("early"))
+    assert [e["type"] for e in wait_terminal(r, "early")] == ["cancelled"]
+
+
+def test_kill_9_mid_job_resumes_prefix_consistent(  # type: ignore[no-untyped-def]
+    r: redis.Redis, redis_server: RedisServer, start_worker
+) -> None:
+    start_worker(delay=0.02, lease_s=1.5)
+    start_worker(delay=0.02, lease_s=1.5)
+    submit(r, job("k9", question="kill me", tokens=150))
+    watcher = asyncio.new_event_loop()
+    seen = watcher.create_task(collect(redis_server.url, "k9"))
+    watcher.run_until_complete(asyncio.sleep(0.1))
+    wait_for(lambda: len(text_of(events(r, "k9"))) > 40, 20, "the job to be under way")
+    os.kill(owner_pid(events(r, "k9")), signal.SIGKILL)
+    received = watcher.run_until_complete(asyncio.wait_for(seen, 60))
+    watcher.close()
+    assert received[-1]["type"] == "done"
+    assert text_of(received) == expected_text("kill me", 150)  # no restart, no duplicate
+    assert [e["seq"] for e in received] == list(range(1, len(received) + 1))
+    assert [e["resumed"] for e in received if e["type"] == "started"] == [False, True]
+
+
+def test_frozen_worker_is_fenced_after_takeover(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    a = start_worker(delay=0.02, lease_s=1.5)
+    b = start_worker(delay=0.02, lease_s=1.5)
+    submit(r, job("frozen", question="freeze", tokens=120))
+    wait_for(lambda: len(text_of(events(r, "frozen"))) > 30, 20, "the job to be under way")
+    frozen = a if owner_pid(events(r, "frozen")) == a.popen.pid else b
+    frozen.signal(signal.SIGSTOP)
+    evs = wait_terminal(r, "frozen", 60)
+    frozen.signal(signal.SIGCONT)
+    frozen.wait_log("job frozen taken over by another worker", 20)
+    assert events(r, "frozen") == evs  # nothing published after it woke up
+    assert text_of(evs) == expected_text("freeze", 120)
+    assert r.hget("ivl:job:{frozen}:state", "attempts") == "2"
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"job": "this is {not json"}, "invalid job"),
+    ({"foo": "bar"}, "no 'job' field"),
+    ({"job": json.dumps({"id": "wrong-types", "model": "fake", "prompt": "not a list"})}, "prompt"),
+    ({"job": json.dumps({"id": "huge", "model": "fake", "max_new_tokens": 10**12,
+                         "prompt": [{"role": "user", "content": "x" * 300_000}]})}, "max_new_tokens"),
+    ({"job": json.dumps({"model": "fake", "prompt": [{"role": "wizard", "content": "x"}]})}, "role"),
+])
+def test_garbage_is_dead_lettered_and_worker_keeps_serving(  # type: ignore[no-untyped-def]
+    r: redis.Redis, start_worker, fields: dict[str, str], reason: str
+) -> None:
+    worker = start_worker()
+    r.xadd("ivl:jobs:fake", fields)
+    letters = wait_for(lambda: r.xrange("ivl:dead"), 10, "a dead letter")
+    assert reason in letters[0][1]["reason"]
+    letter = json.loads(letters[0][1]["letter"])
+    assert letter["stream"] == "ivl:jobs:fake"
+    submit(r, job("after-garbage"))
+    assert wait_terminal(r, "after-garbage")[-1]["type"] == "done"
+    assert worker.alive
+    if fields.get("job", "").startswith("{") and '"id"' in fields["job"]:
+        job_id = json.loads(fields["job"])["id"]
+        failed = wait_terminal(r, job_id)[-1]
+        assert (failed["type"], failed["error_code"]) == ("failed", 40001)
+
+
+def test_too_many_deliveries_go_to_dead_letter(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    r.hset("ivl:job:{tired}:state", mapping={"status": "running", "entry": "0-1", "attempts": 3, "owner": "gone"})
+    r.xgroup_create("ivl:jobs:fake", "workers", id="0", mkstream=True)
+    r.xadd("ivl:jobs:fake", {"job": json.dumps(job("tired"))}, id="0-1")
+    r.xreadgroup("workers", "dead-worker", {"ivl:jobs:fake": ">"})  # held by a consumer that never acks
+    start_worker(lease_s=0.5)
+    evs = wait_terminal(r, "tired", 20)
+    assert evs[-1]["type"] == "failed"
+    assert "dead-lettered" in evs[-1]["message"]
+    assert json.loads(r.xrange("ivl:dead")[0][1]["letter"])["job_id"] == "tired"
+
+
+def test_sigterm_hands_back_and_another_worker_resumes(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    a = start_worker(delay=0.02)
+    b = start_worker(delay=0.02)
+    submit(r, job("term", question="sigterm", tokens=200))
+    wait_for(lambda: len(text_of(events(r, "term"))) > 30, 20, "the job to be under way")
+    owner = a if owner_pid(events(r, "term")) == a.popen.pid else b
+    owner.signal(signal.SIGTERM)
+    assert owner.popen.wait(30) == 0
+    evs = wait_terminal(r, "term", 60)
+    assert evs[-1]["type"] == "done"
+    assert text_of(evs) == expected_text("sigterm", 200)
+    assert [e["resumed"] for e in evs if e["type"] == "started"] == [False, True]
+    assert "handed back on shutdown" in owner.log()
+
+
+def test_sigterm_lets_a_short_job_finish(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker(delay=0.01, extra=["--shutdown-grace-s", "20"])
+    submit(r, job("short", tokens=80))
+    wait_for(lambda: events(r, "short"), 10, "the job to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(30) == 0
+    evs = events(r, "short")
+    assert evs[-1]["type"] == "done"
+    assert [e["type"] for e in evs].count("started") == 1
+
+
+def test_nothing_grows_without_bound(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker(delay=0.001)
+    for k in range(5):
+        submit(r, job(f"ok{k}"))
+    submit(r, job("bad", question="fail: on purpose"))
+    r.xadd("ivl:jobs:fake", {"job": "garbage"})
+    r.set("ivl:job:{gone}:cancel", 1, ex=60)
+    submit(r, job("gone"))
+    for k in range(5):
+        wait_terminal(r, f"ok{k}")
+    wait_terminal(r, "bad")
+    wait_terminal(r, "gone")
+    wait_for(lambda: r.xlen("ivl:jobs:fake") == 0, 10, "the job stream to drain")
+    for key in r.scan_iter("*"):
+        kind, ttl = r.type(key), r.ttl(key)
+        if key in ("ivl:jobs:fake", "ivl:dead"):
+            assert kind == "stream"
+            continue
+        assert ttl > 0, f"{key} ({kind}) has no expiry"
+    assert r.xinfo_groups("ivl:jobs:fake")[0]["pending"] == 0
+
+
+def test_redis_cli_example_against_two_workers(r: redis.Redis, redis_server: RedisServer, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker(delay=0.001)
+    start_worker(delay=0.001)
+    script = str(ROOT / "examples" / "redis_cli_submit.sh")
+    env = {**os.environ, "MAX_NEW_TOKENS": "12"}
+    runs = [subprocess.run([script, redis_server.url, "fake", f"prompt {k}", f"cli{k}"], capture_output=True,
+                           text=True, timeout=60, env=env) for k in range(4)]
+    assert [p.returncode for p in runs] == [0] * 4, [p.stderr for p in runs]
+    assert [p.stdout.strip() for p in runs] == [expected_text(f"prompt {k}", 12).strip() for k in range(4)]
+    failed = subprocess.run([script, redis_server.url, "fake", "fail: please"], capture_output=True, text=True,
+                            timeout=60)
+    assert failed.returncode == 1
+    assert "fake engine asked to fail" in failed.stderr
+
+
+def test_check_command(redis_server: RedisServer, r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    cmd = [str(BIN / "broker-worker"), "check", "--redis-url", redis_server.url, "--model", "fake"]
+    assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 1
+    start_worker()
+    assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
