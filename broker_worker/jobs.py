@@ -87,13 +87,23 @@ class JobStore:
 
 async def submit(redis: aioredis.Redis, job: Job) -> str | None:
     """Queue a job unless its id is already running or finished. Returns the new stream entry id, or None."""
-    status = await redis.hget(c.job_state_key(job.id), "status")
+    state = c.job_state_key(job.id)
+    status = await redis.hget(state, "status")
     if status in ("running", "done", "failed", "cancelled"):
         return None
-    entry: str = await redis.xadd(
-        c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN, approximate=True
-    )
+    async with redis.pipeline(transaction=False) as pipe:
+        # "queued" lets a resuming client tell a waiting job from an unknown id; workers treat it as new.
+        pipe.hsetnx(state, "status", "queued")
+        pipe.expire(state, c.JOB_TTL_S)
+        pipe.xadd(c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN,
+                  approximate=True)
+        entry: str = (await pipe.execute())[-1]
     return entry
+
+
+async def exists(redis: aioredis.Redis, job_id: str) -> bool:
+    """Whether Redis knows the job (queued through a client, running, or finished within the TTL)."""
+    return bool(await redis.exists(c.job_state_key(job_id), c.job_events_key(job_id)))
 
 
 async def cancel(redis: aioredis.Redis, job_id: str, ttl_s: int = c.JOB_TTL_S) -> None:

@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_worker.client import AsyncClient
 from broker_worker.connections import async_redis
+from broker_worker.errors import invalid
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.controller_bridge import ControllerBridge
 from gateway.deps import require_token
-from gateway.errors import seed_chunk
+from gateway.errors import openai_error, seed_chunk, seed_error
 from gateway.metrics import Metrics
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
@@ -97,4 +100,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_openai.router, dependencies=protected)
     app.include_router(routes_ops.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     return app
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    """Bad input gets the protocol's own typed error (40001 with the cause), not FastAPI's 422 format."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg', '')}"
+        for e in exc.errors()[:5]
+    )
+    err = invalid(f"invalid request: {problems}")
+    return openai_error(err) if request.url.path.startswith("/v1/") else seed_error(err)

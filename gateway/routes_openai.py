@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from broker_worker.errors import JobError
@@ -15,7 +15,7 @@ from broker_worker.messages import Job, SamplingParams, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
-from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, parse_body
+from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -28,9 +28,8 @@ async def models(service: Service) -> dict[str, object]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: Annotated[dict[str, Any], Body()], service: Service) -> Response:
+async def chat_completions(request: OpenAIChatRequest, service: Service) -> Response:
     try:
-        request: OpenAIChatRequest = parse_body(OpenAIChatRequest, body)
         params = SamplingParams(
             temperature=request.temperature,
             top_p=request.top_p,

@@ -10,10 +10,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 
 from broker_worker import constants as c
-from broker_worker.errors import JobError
+from broker_worker import jobs
+from broker_worker.errors import ErrorCode, JobError
 from broker_worker.messages import JOB_ID_PATTERN
 from gateway.deps import get_service
-from gateway.errors import seed_chunk
+from gateway.errors import seed_chunk, seed_error
 from gateway.service import GatewayService
 
 router = APIRouter(tags=["operations"])
@@ -52,6 +53,9 @@ async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Q
 
     Chunk text is cumulative over the events after ``after``; join it to what you already had.
     """
+    if not await jobs.exists(service.client.redis, job_id):
+        return seed_error(JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"),
+                          status_code=404)
     return StreamingResponse(_resume(service, job_id, after), media_type="application/octet-stream")
 
 

@@ -13,30 +13,17 @@ from broker_worker.messages import Job
 from gateway.deps import get_service
 from gateway.errors import seed_chunk, seed_error
 from gateway.service import GatewayService
-from gateway.validation import SeedRequest, build_job, parse_body
+from gateway.validation import SeedRequest, build_job
 
 router = APIRouter(tags=["worker protocol"])
 Service = Annotated[GatewayService, Depends(get_service)]
-JsonBody = Annotated[
-    dict[str, Any],
-    Body(
-        examples=[
-            {
-                "model": "tiny-internvl",
-                "prompt": [{"role": "user", "content": "Hello"}],
-                "temperature": 0.7,
-                "top_p": 0.95,
-                "max_new_tokens": 64,
-                "max_input_tiles": 12,
-                "repetition_penalty": 1.1,
-            }
-        ]
-    ),
-]
+EXAMPLE = {"model": "tiny-internvl", "prompt": [{"role": "user", "content": "Hello"}], "temperature": 0.7,
+           "top_p": 0.95, "max_new_tokens": 64, "max_input_tiles": 12, "repetition_penalty": 1.1}
+SeedBody = Annotated[SeedRequest, Body(examples=[EXAMPLE])]
+JsonBody = Annotated[dict[str, Any], Body()]
 
 
-async def _prepare(service: GatewayService, body: dict[str, Any]) -> Job:
-    request: SeedRequest = parse_body(SeedRequest, body)
+async def _prepare(service: GatewayService, request: SeedRequest) -> Job:
     job = build_job(request.model, request.prompt, request, service.settings, request.job_id)
     await service.admit(job.model)
     return job
@@ -49,7 +36,7 @@ async def _prepare(service: GatewayService, body: dict[str, Any]) -> Job:
         200: {"description": "JSON chunks, each followed by a NUL byte", "content": {"application/octet-stream": {}}}
     },
 )
-async def worker_generate_stream(body: JsonBody, service: Service) -> Response:
+async def worker_generate_stream(body: SeedBody, service: Service) -> Response:
     try:
         job = await _prepare(service, body)
     except JobError as exc:
@@ -87,7 +74,7 @@ async def seed_stream(service: GatewayService, job: Job) -> AsyncIterator[bytes]
 
 
 @router.post("/worker_generate")
-async def worker_generate(body: JsonBody, service: Service) -> Response:
+async def worker_generate(body: SeedBody, service: Service) -> Response:
     """The same job, answered as one JSON object when it ends."""
     try:
         job = await _prepare(service, body)

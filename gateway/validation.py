@@ -69,13 +69,6 @@ def validation_error(exc: ValidationError) -> JobError:
     return invalid(f"invalid request: {problems}")
 
 
-def parse_body(model: type[BaseModel], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from exc
-
-
 def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
     prompt = []
     for message in request.messages:
