@@ -24,6 +24,7 @@ from broker_worker.messages import Event, Job, WorkerHealth, is_terminal, parse_
 
 log = logging.getLogger("broker_worker.client")
 _RESYNC = "resync"
+StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
 class Subscriber:
@@ -250,7 +251,7 @@ class Client:
     def stream(self, job_id: str, after_seq: int = 0, timeout_s: float = 300) -> Iterator[Event]:
         key, entry_id, deadline = c.job_events_key(job_id), "0-0", time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            response = self.redis.xread({key: entry_id}, block=1000, count=500)
+            response: StreamReply = self.redis.xread({key: entry_id}, block=1000, count=500)  # type: ignore[assignment]
             for _, entries in response or []:
                 for entry_id, fields in entries:  # noqa: B007 - the next XREAD starts after it
                     event = parse_event(fields[c.EVENT_FIELD])

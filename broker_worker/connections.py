@@ -6,6 +6,7 @@ command instead of by a process restart.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -17,7 +18,7 @@ SOCKET_TIMEOUT_S = 10.0
 _RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
 
 
-def _options() -> dict[str, object]:
+def _options() -> dict[str, Any]:
     return {
         "decode_responses": True,
         "socket_connect_timeout": 5.0,

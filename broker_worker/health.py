@@ -29,7 +29,7 @@ async def remove(redis: aioredis.Redis, worker_id: str) -> None:
 
 async def live_workers(redis: aioredis.Redis) -> list[WorkerHealth]:
     now_ms = int(time.time() * 1000)
-    ids: list[str] = await redis.zrangebyscore(c.WORKERS_INDEX, now_ms, "+inf")
+    ids: list[str] = list(await redis.zrangebyscore(c.WORKERS_INDEX, now_ms, "+inf"))  # type: ignore[arg-type]
     if not ids:
         return []
     values = await redis.mget([c.worker_health_key(i) for i in ids])

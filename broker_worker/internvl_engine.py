@@ -21,7 +21,7 @@ from broker_worker.engine import Finish, OnDelta
 from broker_worker.errors import ErrorCode, JobError
 from broker_worker.images import DEFAULT_LIMITS, ImageLimits, LruCache, content_key, decode_image
 from broker_worker.loading import LoadedModel
-from broker_worker.messages import Job, Usage
+from broker_worker.messages import FinishReason, Job, Usage
 from broker_worker.prompt import Conversation, build_conversation, expand_images
 from broker_worker.tiling import build_transform, tile_image
 
@@ -37,7 +37,7 @@ class Prepared:
     prefix_tokens: int
 
 
-class _CancelCriteria(StoppingCriteria):
+class _CancelCriteria(StoppingCriteria):  # type: ignore[misc]
     def __init__(self, cancel: threading.Event) -> None:
         self._cancel = cancel
 
@@ -89,7 +89,7 @@ class InternVLEngine:
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {exc}", retryable=True) from exc
-        reason = "stop" if streamer.last_id in self._eos_ids else "length"
+        reason: FinishReason = "stop" if streamer.last_id in self._eos_ids else "length"
         usage = Usage(
             prompt_tokens=int(prepared.input_ids.shape[1]) - prepared.prefix_tokens,
             completion_tokens=prepared.prefix_tokens + decoder.count,

@@ -95,8 +95,9 @@ async def submit(redis: aioredis.Redis, job: Job) -> str | None:
         # "queued" lets a resuming client tell a waiting job from an unknown id; workers treat it as new.
         pipe.hsetnx(state, "status", "queued")
         pipe.expire(state, c.JOB_TTL_S)
-        pipe.xadd(c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN,
-                  approximate=True)
+        pipe.xadd(
+            c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN, approximate=True
+        )
         entry: str = (await pipe.execute())[-1]
     return entry
 
@@ -112,7 +113,7 @@ async def cancel(redis: aioredis.Redis, job_id: str, ttl_s: int = c.JOB_TTL_S) -
 
 async def replay(redis: aioredis.Redis, job_id: str, after_seq: int = 0) -> list[Event]:
     """Every recorded event of a job with seq > after_seq, in order."""
-    entries = await redis.xrange(c.job_events_key(job_id))
+    entries: list[tuple[str, dict[str, str]]] = await redis.xrange(c.job_events_key(job_id))  # type: ignore[assignment]
     events = [parse_event(fields[c.EVENT_FIELD]) for _, fields in entries if c.EVENT_FIELD in fields]
     return [e for e in events if e.seq > after_seq]
 

@@ -31,7 +31,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    return T.Compose(
+    transform: Callable[[Image.Image], torch.Tensor] = T.Compose(
         [
             T.Lambda(_to_rgb),
             T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
@@ -39,6 +39,7 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
             T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         ]
     )
+    return transform
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[Grid]:

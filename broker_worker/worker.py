@@ -46,6 +46,7 @@ from broker_worker.settings import WorkerSettings
 
 log = logging.getLogger("broker_worker.worker")
 MAX_ENTRY_CHARS = 64 * 1024 * 1024
+StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
 class BadEntry(Exception):
@@ -151,7 +152,7 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                response = await self.redis.xreadgroup(
+                response: StreamReply = await self.redis.xreadgroup(  # type: ignore[assignment]
                     c.CONSUMER_GROUP, self.worker_id, {self.stream: ">"}, count=self.free_slots, block=1000
                 )
             except (RedisError, OSError) as exc:
@@ -190,7 +191,7 @@ class Worker:
                 await self._renew_all()
 
     async def _renew_all(self) -> None:
-        owned = []
+        owned: list[int | bytes | str | memoryview] = []
         for job_id, run in list(self.running.items()):
             state = await self.store.renew(job_id, run.token)
             if state == 0:
@@ -200,7 +201,7 @@ class Worker:
             else:
                 owned.append(run.entry_id)
         if owned:
-            await self.redis.xclaim(self.stream, c.CONSUMER_GROUP, self.worker_id, 0, owned, justid=True)
+            await self.redis.xclaim(self.stream, c.CONSUMER_GROUP, self.worker_id, 0, list(owned), justid=True)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -32,8 +32,11 @@ def seed_chunk(text: str, error_code: int = 0, **extra: Any) -> bytes:
 
 def seed_error(err: JobError, status_code: int | None = None) -> Response:
     """A seed-protocol error: one chunk, parseable by clients that split on NUL and by plain JSON readers."""
-    return Response(seed_chunk(err.message, err.code), status_code=status_code or http_status(err.code),
-                    media_type="application/json")
+    return Response(
+        seed_chunk(err.message, err.code),
+        status_code=status_code or http_status(err.code),
+        media_type="application/json",
+    )
 
 
 def openai_error(err: JobError) -> JSONResponse:

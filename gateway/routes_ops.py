@@ -54,8 +54,9 @@ async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Q
     Chunk text is cumulative over the events after ``after``; join it to what you already had.
     """
     if not await jobs.exists(service.client.redis, job_id):
-        return seed_error(JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"),
-                          status_code=404)
+        return seed_error(
+            JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"), status_code=404
+        )
     return StreamingResponse(_resume(service, job_id, after), media_type="application/octet-stream")
 
 

@@ -17,8 +17,15 @@ from gateway.validation import SeedRequest, build_job
 
 router = APIRouter(tags=["worker protocol"])
 Service = Annotated[GatewayService, Depends(get_service)]
-EXAMPLE = {"model": "tiny-internvl", "prompt": [{"role": "user", "content": "Hello"}], "temperature": 0.7,
-           "top_p": 0.95, "max_new_tokens": 64, "max_input_tiles": 12, "repetition_penalty": 1.1}
+EXAMPLE = {
+    "model": "tiny-internvl",
+    "prompt": [{"role": "user", "content": "Hello"}],
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "max_new_tokens": 64,
+    "max_input_tiles": 12,
+    "repetition_penalty": 1.1,
+}
 SeedBody = Annotated[SeedRequest, Body(examples=[EXAMPLE])]
 JsonBody = Annotated[dict[str, Any], Body()]
 

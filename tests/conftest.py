@@ -51,8 +51,11 @@ def start_worker(procs: list[Proc], tmp_path: Path, redis_server: RedisServer): 
         procs.append(proc)
         if wait:
             before = len(live_worker_ids(redis_server.client(), model))
-            wait_for(lambda: len(live_worker_ids(redis_server.client(), model)) > before or not proc.alive, 60,
-                     f"worker for {model} to report healthy")
+            wait_for(
+                lambda: len(live_worker_ids(redis_server.client(), model)) > before or not proc.alive,
+                60,
+                f"worker for {model} to report healthy",
+            )
             assert proc.alive, proc.log()
         return proc
 
@@ -67,8 +70,16 @@ def start_gateway(procs: list[Proc], tmp_path: Path, redis_server: RedisServer):
         from tests.helpers import BIN, free_port
 
         port = port or free_port()
-        args = [str(BIN / "broker-gateway"), "--redis-url", url or redis_server.url, "--host", "127.0.0.1",
-                "--port", str(port), *extra]
+        args = [
+            str(BIN / "broker-gateway"),
+            "--redis-url",
+            url or redis_server.url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra,
+        ]
         proc = spawn("gateway", args, tmp_path)
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"

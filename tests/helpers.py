@@ -53,8 +53,22 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(self.directory), "--logfile", str(self.directory / f"redis-{self.port}.log"), *self.extra]
+        cmd = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.directory / f"redis-{self.port}.log"),
+            *self.extra,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._pings, 10, "redis-server to answer")
         return self
@@ -118,11 +132,34 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None 
     return Proc(name, popen, log_path)
 
 
-def worker_args(redis_url: str, *, model: str = "fake", model_path: Path | None = None, delay: float = 0.01,
-                lease_s: float = 2.0, slots: int = 5, extra: list[str] | None = None) -> list[str]:
-    args = [str(BIN / "broker-worker"), "run", "--redis-url", redis_url, "--model-name", model,
-            "--lease-s", str(lease_s), "--lease-renew-s", str(lease_s / 4), "--heartbeat-s", "0.5",
-            "--limit-model-concurrency", str(slots), "--shutdown-grace-s", "1"]
+def worker_args(
+    redis_url: str,
+    *,
+    model: str = "fake",
+    model_path: Path | None = None,
+    delay: float = 0.01,
+    lease_s: float = 2.0,
+    slots: int = 5,
+    extra: list[str] | None = None,
+) -> list[str]:
+    args = [
+        str(BIN / "broker-worker"),
+        "run",
+        "--redis-url",
+        redis_url,
+        "--model-name",
+        model,
+        "--lease-s",
+        str(lease_s),
+        "--lease-renew-s",
+        str(lease_s / 4),
+        "--heartbeat-s",
+        "0.5",
+        "--limit-model-concurrency",
+        str(slots),
+        "--shutdown-grace-s",
+        "1",
+    ]
     if model_path is None:
         args += ["--fake-engine", "--fake-token-delay-s", str(delay)]
     else:
@@ -169,5 +206,10 @@ def submit(r: redis.Redis, job: dict[str, Any]) -> None:
 
 
 def job(job_id: str, model: str = "fake", question: str = "hello", tokens: int = 20, **extra: Any) -> dict[str, Any]:
-    return {"id": job_id, "model": model, "prompt": [{"role": "user", "content": question}],
-            "max_new_tokens": tokens, **extra}
+    return {
+        "id": job_id,
+        "model": model,
+        "prompt": [{"role": "user", "content": question}],
+        "max_new_tokens": tokens,
+        **extra,
+    }

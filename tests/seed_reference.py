@@ -9,18 +9,25 @@ from torchvision.transforms.functional import InterpolationMode
 
 
 def transform(size: int) -> T.Compose:
-    return T.Compose([
-        T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
-        T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    return T.Compose(
+        [
+            T.Lambda(lambda im: im.convert("RGB") if im.mode != "RGB" else im),
+            T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
 
 
 def grid(width: int, height: int, min_num: int, max_num: int, size: int) -> tuple[int, int]:
     aspect = width / height
-    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                 if min_num <= i * j <= max_num)
+    ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    )
     best_diff, best = float("inf"), (1, 1)
     for i, j in sorted(ratios, key=lambda x: x[0] * x[1]):
         diff = abs(aspect - i / j)
@@ -31,10 +38,14 @@ def grid(width: int, height: int, min_num: int, max_num: int, size: int) -> tupl
     return best
 
 
-def tiles(image: Image.Image, min_num: int = 1, max_num: int = 6, size: int = 448, thumb: bool = False) -> list[Image.Image]:
+def tiles(
+    image: Image.Image, min_num: int = 1, max_num: int = 6, size: int = 448, thumb: bool = False
+) -> list[Image.Image]:
     i, j = grid(*image.size, min_num, max_num, size)
     resized = image.resize((size * i, size * j))
-    out = [resized.crop(((k % i) * size, (k // i) * size, (k % i + 1) * size, (k // i + 1) * size)) for k in range(i * j)]
+    out = [
+        resized.crop(((k % i) * size, (k // i) * size, (k % i + 1) * size, (k // i + 1) * size)) for k in range(i * j)
+    ]
     if thumb and len(out) != 1:
         out.append(image.resize((size, size)))
     return out

@@ -20,7 +20,9 @@ def stream(tokenizer, ids: list[int]) -> list[str]:  # type: ignore[no-untyped-d
     return [decoder.push(i) for i in ids] + [decoder.flush()]
 
 
-@pytest.mark.parametrize("text", ["héllo wörld", "你好，世界", "emoji 🎉👩‍👩‍👧 done", "<ref>cat</ref><box>[[1,2,3,4]]</box>"])
+@pytest.mark.parametrize(
+    "text", ["héllo wörld", "你好，世界", "emoji 🎉👩‍👩‍👧 done", "<ref>cat</ref><box>[[1,2,3,4]]</box>"]
+)
 def test_multibyte_characters_never_split(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer(text)["input_ids"]
     deltas = stream(tokenizer, ids)

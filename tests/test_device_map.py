@@ -44,18 +44,21 @@ def test_every_layer_once_balanced_last_layer_on_gpu0(remote: bool, gpus: int, l
     assert order == sorted(order)
 
 
-@pytest.mark.parametrize(("layers", "gpus", "alpha", "expected"), [
-    (32, 1, 0.5, [32]),  # the seed: everything on GPU 0
-    (32, 1, 0.8, [32]),  # the seed: a phantom layers.32 from float error
-    (32, 2, 0.5, [11, 21]),  # the seed: planned [11, 22] (sum 33), real [12, 20]
-    (32, 4, 0.5, [5, 9, 9, 9]),  # the seed: planned [5, 10, 10, 10], 3 phantom keys
-    (24, 8, 0.5, [2, 4, 3, 3, 3, 3, 3, 3]),  # the seed left GPU 7 empty
-    (32, 8, 0.5, [2, 5, 5, 4, 4, 4, 4, 4]),
-    (80, 4, 0.0, [20, 20, 20, 20]),
-    (80, 4, 0.2, [17, 21, 21, 21]),
-    (80, 4, 0.5, [11, 23, 23, 23]),
-    (80, 4, 0.8, [5, 25, 25, 25]),
-])
+@pytest.mark.parametrize(
+    ("layers", "gpus", "alpha", "expected"),
+    [
+        (32, 1, 0.5, [32]),  # the seed: everything on GPU 0
+        (32, 1, 0.8, [32]),  # the seed: a phantom layers.32 from float error
+        (32, 2, 0.5, [11, 21]),  # the seed: planned [11, 22] (sum 33), real [12, 20]
+        (32, 4, 0.5, [5, 9, 9, 9]),  # the seed: planned [5, 10, 10, 10], 3 phantom keys
+        (24, 8, 0.5, [2, 4, 3, 3, 3, 3, 3, 3]),  # the seed left GPU 7 empty
+        (32, 8, 0.5, [2, 5, 5, 4, 4, 4, 4, 4]),
+        (80, 4, 0.0, [20, 20, 20, 20]),
+        (80, 4, 0.2, [17, 21, 21, 21]),
+        (80, 4, 0.5, [11, 23, 23, 23]),
+        (80, 4, 0.8, [5, 25, 25, 25]),
+    ],
+)
 def test_seed_edge_cases_fixed(layers: int, gpus: int, alpha: float, expected: list[int]) -> None:
     assert layers_per_gpu(layers, gpus, alpha) == expected
     assert sum(expected) == layers

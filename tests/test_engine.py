@@ -23,10 +23,13 @@ def engine(tiny_model: Path) -> InternVLEngine:
     return InternVLEngine(load(LoadOptions(tiny_model)), "tiny")
 
 
-def make_job(question: str = "hi", images: int = 0, system: str = "SYS", size: tuple[int, int] = (300, 200),
-             **params: object) -> Job:
-    prompt = [{"role": "system", "content": system},
-              {"role": "user", "content": question, "image": [png_b64(*size, k) for k in range(images)]}]
+def make_job(
+    question: str = "hi", images: int = 0, system: str = "SYS", size: tuple[int, int] = (300, 200), **params: object
+) -> Job:
+    prompt = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question, "image": [png_b64(*size, k) for k in range(images)]},
+    ]
     return Job.model_validate({"model": "tiny", "prompt": prompt, "temperature": 0, "max_new_tokens": 24, **params})
 
 
@@ -38,7 +41,13 @@ def run(engine: InternVLEngine, job: Job, cancel: threading.Event | None = None)
 
 def test_loads_native_checkpoint(engine: InternVLEngine) -> None:
     m = engine._m
-    assert (m.format, m.image_size, m.tokens_per_tile, m.context_len, m.use_thumbnail) == ("native", 448, 256, 8192, True)
+    assert (m.format, m.image_size, m.tokens_per_tile, m.context_len, m.use_thumbnail) == (
+        "native",
+        448,
+        256,
+        8192,
+        True,
+    )
     assert engine.context_len == 8192
 
 
@@ -47,11 +56,17 @@ def test_greedy_stream_equals_non_streamed_output(engine: InternVLEngine) -> Non
     deltas, finish = run(engine, job)
     prepared = engine.prepare(job)
     with torch.inference_mode():
-        out = engine._m.model.generate(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
-                                       pixel_values=prepared.pixel_values, max_new_tokens=24, do_sample=False,
-                                       repetition_penalty=job.repetition_penalty,
-                                       eos_token_id=sorted(engine._eos_ids), pad_token_id=engine._pad_id())
-    new_ids = out[0, prepared.input_ids.shape[1]:].tolist()
+        out = engine._m.model.generate(
+            input_ids=prepared.input_ids,
+            attention_mask=prepared.attention_mask,
+            pixel_values=prepared.pixel_values,
+            max_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=job.repetition_penalty,
+            eos_token_id=sorted(engine._eos_ids),
+            pad_token_id=engine._pad_id(),
+        )
+    new_ids = out[0, prepared.input_ids.shape[1] :].tolist()
     skip = control_token_ids(engine._m.tokenizer)
     expected = engine._m.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False)
     assert "".join(deltas) == expected
@@ -82,7 +97,7 @@ def test_concurrent_system_prompts_do_not_leak(engine: InternVLEngine) -> None:
 def test_cancel_stops_within_one_token(engine: InternVLEngine) -> None:
     cancel = threading.Event()
     cancel.set()
-    deltas, finish = run(engine, make_job("long", max_new_tokens=400, temperature=0.9), cancel)
+    _deltas, finish = run(engine, make_job("long", max_new_tokens=400, temperature=0.9), cancel)
     assert finish.usage.completion_tokens == 1  # type: ignore[attr-defined]  # the token in flight, no more
 
 
@@ -145,12 +160,18 @@ def test_grounding_tokens_survive(engine: InternVLEngine) -> None:
 
 
 def test_refuses_what_cannot_load(tmp_path: Path, tiny_model: Path) -> None:
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load(LoadOptions(tmp_path))
     remote = tmp_path / "internlm2"
     remote.mkdir()
-    (remote / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "llm_config": {
-        "architectures": ["InternLM2ForCausalLM"], "num_hidden_layers": 24}}))
+    (remote / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "internvl_chat",
+                "llm_config": {"architectures": ["InternLM2ForCausalLM"], "num_hidden_layers": 24},
+            }
+        )
+    )
     with pytest.raises(CheckpointError, match="convert_internvl_weights_to_hf"):
         load(LoadOptions(remote))
     if not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -30,7 +31,10 @@ def app_payload(model: str, question: str, images: list[str], max_new_tokens: in
             {"role": "user", "content": question, "image": images},
             {"role": "assistant", "content": None},
         ],
-        "temperature": 0.7, "top_p": 0.95, "max_new_tokens": max_new_tokens, "max_input_tiles": 12,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "max_new_tokens": max_new_tokens,
+        "max_input_tiles": 12,
         "repetition_penalty": 1.1,
     }
 
@@ -52,12 +56,13 @@ def tiny_stack(start_worker, start_gateway, tiny_model: Path):  # type: ignore[n
 
 
 def test_app_style_request_streams_cumulative_text(tiny_stack: str, r: redis.Redis) -> None:
-    status, parts = stream(tiny_stack, app_payload("tiny-internvl", "And these?", [png_b64(800, 600, 2),
-                                                                                  png_b64(300, 900, 3)]))
+    status, parts = stream(
+        tiny_stack, app_payload("tiny-internvl", "And these?", [png_b64(800, 600, 2), png_b64(300, 900, 3)])
+    )
     assert status == 200
     assert all(p["error_code"] == 0 for p in parts)
     texts = [p["text"] for p in parts]
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
     last = parts[-1]
     assert last["finish_reason"] in ("stop", "length")
     assert last["usage"]["completion_tokens"] >= 1
@@ -100,8 +105,9 @@ def test_typed_errors_and_service_keeps_serving(tiny_stack: str) -> None:
 def test_body_limit(start_gateway, start_worker) -> None:  # type: ignore[no-untyped-def]
     start_worker()
     _, base = start_gateway("--max-body-bytes", "100000")
-    response = httpx.post(base + "/worker_generate_stream", content=b"x" * 200_000,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        base + "/worker_generate_stream", content=b"x" * 200_000, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
     assert chunks(response.content)[0]["error_code"] == 40001
 
@@ -174,8 +180,14 @@ def controller() -> Iterator[FakeController]:
 
 def test_controller_bridge(controller: FakeController, start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.001)
-    _, base = start_gateway("--controller-address", controller.url, "--heartbeat-s", "0.3",
-                            "--worker-address", "http://gateway.example:8000")
+    _, base = start_gateway(
+        "--controller-address",
+        controller.url,
+        "--heartbeat-s",
+        "0.3",
+        "--worker-address",
+        "http://gateway.example:8000",
+    )
     wait_for(lambda: controller.registrations, 10, "registration")
     first = controller.registrations[0]
     assert first["worker_name"] == "http://gateway.example:8000"
@@ -186,8 +198,11 @@ def test_controller_bridge(controller: FakeController, start_worker, start_gatew
     controller.forget = True
     wait_for(lambda: len(controller.registrations) >= 2, 10, "re-registration after exist: false")
     controller.stop()
-    payload = {"model": "fake", "prompt": [{"role": "user", "content": "while the controller is down"}],
-               "max_new_tokens": 5}
+    payload = {
+        "model": "fake",
+        "prompt": [{"role": "user", "content": "while the controller is down"}],
+        "max_new_tokens": 5,
+    }
     started = time.monotonic()
     status, parts = stream(base, payload, timeout=10)
     assert status == 200 and parts[-1]["error_code"] == 0
@@ -199,16 +214,31 @@ def test_controller_bridge(controller: FakeController, start_worker, start_gatew
 
 def test_openai_chat_completions(tiny_stack: str) -> None:
     image = "data:image/png;base64," + png_b64(500, 400)
-    body = {"model": "tiny-internvl", "max_tokens": 12, "temperature": 0,
-            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
-                {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": image}}]}]}
+    body = {
+        "model": "tiny-internvl",
+        "max_tokens": 12,
+        "temperature": 0,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": image}},
+                ],
+            },
+        ],
+    }
     plain = httpx.post(tiny_stack + "/v1/chat/completions", json=body, timeout=60).json()
     assert plain["object"] == "chat.completion"
     assert plain["choices"][0]["message"]["role"] == "assistant"
     assert plain["usage"]["completion_tokens"] >= 1
     assert plain["usage"]["total_tokens"] == plain["usage"]["prompt_tokens"] + plain["usage"]["completion_tokens"]
-    sse = httpx.post(tiny_stack + "/v1/chat/completions", timeout=60,
-                     json=body | {"stream": True, "stream_options": {"include_usage": True}}).text
+    sse = httpx.post(
+        tiny_stack + "/v1/chat/completions",
+        timeout=60,
+        json=body | {"stream": True, "stream_options": {"include_usage": True}},
+    ).text
     events = [line.removeprefix("data: ") for line in sse.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     parsed = [json.loads(e) for e in events[:-1]]
@@ -218,8 +248,15 @@ def test_openai_chat_completions(tiny_stack: str) -> None:
     assert parsed[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
     models = httpx.get(tiny_stack + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny-internvl"]
-    bad = httpx.post(tiny_stack + "/v1/chat/completions", json=body | {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}]})
+    bad = httpx.post(
+        tiny_stack + "/v1/chat/completions",
+        json=body
+        | {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}
+            ]
+        },
+    )
     assert bad.status_code == 400 and "data: URL" in bad.json()["error"]["message"]
 
 
@@ -227,12 +264,21 @@ def test_metrics_parse(tiny_stack: str) -> None:
     stream(tiny_stack, app_payload("tiny-internvl", "q", []))
     text = httpx.get(tiny_stack + "/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"gateway_requests", "gateway_jobs", "broker_queue_depth", "broker_live_workers",
-            "gateway_time_to_first_token_seconds", "broker_dead_letters"} <= set(families)
+    assert {
+        "gateway_requests",
+        "gateway_jobs",
+        "broker_queue_depth",
+        "broker_live_workers",
+        "gateway_time_to_first_token_seconds",
+        "broker_dead_letters",
+    } <= set(families)
     live = [s for s in families["broker_live_workers"].samples if s.labels.get("model") == "tiny-internvl"]
     assert live[0].value == 1
-    done = [s for s in families["gateway_jobs"].samples if s.labels == {"model": "tiny-internvl", "outcome": "done"}
-            and s.name.endswith("_total")]
+    done = [
+        s
+        for s in families["gateway_jobs"].samples
+        if s.labels == {"model": "tiny-internvl", "outcome": "done"} and s.name.endswith("_total")
+    ]
     assert done[0].value >= 1
     health = httpx.get(tiny_stack + "/health").json()
     assert health["workers"] == {"tiny-internvl": 1}
@@ -250,9 +296,13 @@ def test_bearer_token(start_worker, start_gateway) -> None:  # type: ignore[no-u
 def test_resume_stream_by_job_id(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.01)
     _, base = start_gateway()
-    payload = {"model": "fake", "prompt": [{"role": "user", "content": "resume me"}], "max_new_tokens": 30,
-               "job_id": "resume-1"}
-    status, parts = stream(base, payload)
+    payload = {
+        "model": "fake",
+        "prompt": [{"role": "user", "content": "resume me"}],
+        "max_new_tokens": 30,
+        "job_id": "resume-1",
+    }
+    _status, parts = stream(base, payload)
     full = parts[-1]["text"]
     middle = next(p for p in parts if p["text"] and len(p["text"]) < len(full))
     rest = chunks(httpx.get(base + f"/jobs/resume-1/stream?after={middle['seq']}", timeout=30).content)
@@ -268,9 +318,26 @@ def test_schemathesis_finds_no_server_error(start_worker, start_gateway, tmp_pat
     start_worker(delay=0.0)
     _, base = start_gateway("--start-timeout-s", "3", "--idle-timeout-s", "3")
     result = subprocess.run(
-        [str(BIN / "schemathesis"), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--workers", "2",
-         "--request-timeout", "20", "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            str(BIN / "schemathesis"),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--workers",
+            "2",
+            "--request-timeout",
+            "20",
+            "--suppress-health-check",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-4000:]

@@ -19,8 +19,12 @@ def png_bomb(width: int = 40000, height: int = 40000) -> str:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     raw = zlib.compress(b"\0" * ((width + 7) // 8 + 1) * 64)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-           + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
     return base64.b64encode(png).decode()
 
 
@@ -31,12 +35,15 @@ def test_decodes_png_and_data_url() -> None:
     assert strip_data_url("data:image/jpeg;base64,QUJD") == "QUJD"
 
 
-@pytest.mark.parametrize(("payload", "fragment"), [
-    ("this is not base64 !!!", "invalid base64"),
-    (png_b64(64, 64)[:-20] + "@@", "invalid base64"),
-    (base64.b64encode(b"not an image at all").decode(), "not a readable image"),
-    (png_b64(64, 64)[: len(png_b64(64, 64)) // 2 // 4 * 4], "not a readable image"),
-])
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ("this is not base64 !!!", "invalid base64"),
+        (png_b64(64, 64)[:-20] + "@@", "invalid base64"),
+        (base64.b64encode(b"not an image at all").decode(), "not a readable image"),
+        (png_b64(64, 64)[: len(png_b64(64, 64)) // 2 // 4 * 4], "not a readable image"),
+    ],
+)
 def test_bad_images_are_typed_errors(payload: str, fragment: str) -> None:
     with pytest.raises(JobError) as err:
         decode_image(payload, 2)

@@ -32,20 +32,35 @@ def patches(images: list[str], budgets: list[int]) -> list[int]:
 SYSTEM = ChatMessage(role="system", content="SYS")
 
 
-@pytest.mark.parametrize(("prompt", "question", "history", "num_patches"), [
-    ([SYSTEM, user("What?", "a")], "<image>\nWhat?", [], [13]),
-    ([SYSTEM, user("Q1", "b"), assistant("A1"), user("Q2", "c", "d")],
-     "Image-2: <image>\nImage-3: <image>\nQ2", [("Image-1: <image>\nQ1", "A1")], [1, 4, 3]),
-    ([SYSTEM, user("Q1", "c", "d"), assistant("A1"), user("Q2")],
-     "Q2", [("Image-1: <image>\nImage-2: <image>\nQ1", "A1")], [4, 3]),
-    ([SYSTEM, user("Q", "e", "e", "e", "e", "e")],
-     "Image-1: <image>\nImage-2: <image>\nImage-3: <image>\nImage-4: <image>\nImage-5: <image>\nQ", [],
-     [3, 3, 3, 3, 3]),
-    ([SYSTEM, user("Q1", "c"), assistant("A1"), user("Q2")], "Q2", [("<image>\nQ1", "A1")], [4]),
-    ([SYSTEM, user("Q")], "Q", [], []),
-])
-def test_seed_table(prompt: list[ChatMessage], question: str, history: list[tuple[str, str]],
-                    num_patches: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("prompt", "question", "history", "num_patches"),
+    [
+        ([SYSTEM, user("What?", "a")], "<image>\nWhat?", [], [13]),
+        (
+            [SYSTEM, user("Q1", "b"), assistant("A1"), user("Q2", "c", "d")],
+            "Image-2: <image>\nImage-3: <image>\nQ2",
+            [("Image-1: <image>\nQ1", "A1")],
+            [1, 4, 3],
+        ),
+        (
+            [SYSTEM, user("Q1", "c", "d"), assistant("A1"), user("Q2")],
+            "Q2",
+            [("Image-1: <image>\nImage-2: <image>\nQ1", "A1")],
+            [4, 3],
+        ),
+        (
+            [SYSTEM, user("Q", "e", "e", "e", "e", "e")],
+            "Image-1: <image>\nImage-2: <image>\nImage-3: <image>\nImage-4: <image>\nImage-5: <image>\nQ",
+            [],
+            [3, 3, 3, 3, 3],
+        ),
+        ([SYSTEM, user("Q1", "c"), assistant("A1"), user("Q2")], "Q2", [("<image>\nQ1", "A1")], [4]),
+        ([SYSTEM, user("Q")], "Q", [], []),
+    ],
+)
+def test_seed_table(
+    prompt: list[ChatMessage], question: str, history: list[tuple[str, str]], num_patches: list[int]
+) -> None:
     conversation = build_conversation([*prompt, assistant(None)], max_input_tiles=12)
     assert conversation.question == question
     assert conversation.history == history
@@ -61,15 +76,18 @@ def test_budgets_share_last_image_message() -> None:
 
 def test_render_chatml_with_history_matches_remote_code_prompt() -> None:
     conversation = build_conversation([SYSTEM, user("Q1"), assistant("A1"), user("Q2", "a")], 12)
-    expected = ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1"
-                "<|im_end|>\n<|im_start|>user\n<image>\nQ2<|im_end|>\n<|im_start|>assistant\n")
+    expected = (
+        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1"
+        "<|im_end|>\n<|im_start|>user\n<image>\nQ2<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert conversation.render(CHATML) == expected
 
 
 def test_render_other_templates() -> None:
     conversation = build_conversation([SYSTEM, user("Q1"), assistant("A1"), user("Q2")], 12)
     assert conversation.render(TEMPLATES["phi3-chat"]) == (
-        "<|system|>\nSYS<|end|><|user|>\nQ1<|end|><|assistant|>\nA1<|end|><|user|>\nQ2<|end|><|assistant|>\n")
+        "<|system|>\nSYS<|end|><|user|>\nQ1<|end|><|assistant|>\nA1<|end|><|user|>\nQ2<|end|><|assistant|>\n"
+    )
     assert conversation.render(TEMPLATES["Hermes-2"]).startswith("<|im_start|>system\nSYS<|im_end|><|im_start|>user")
 
 
@@ -96,14 +114,18 @@ def test_resume_prefix_continues_the_answer() -> None:
 
 def test_expand_images() -> None:
     assert expand_images("<image>\nA <image>", [2, 1], 3) == (
-        "<img>" + "<IMG_CONTEXT>" * 6 + "</img>\nA <img>" + "<IMG_CONTEXT>" * 3 + "</img>")
+        "<img>" + "<IMG_CONTEXT>" * 6 + "</img>\nA <img>" + "<IMG_CONTEXT>" * 3 + "</img>"
+    )
 
 
-@pytest.mark.parametrize("prompt", [
-    [assistant("hi"), user("q")],
-    [user("q"), ChatMessage(role="system", content="late")],
-    [SYSTEM],
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        [assistant("hi"), user("q")],
+        [user("q"), ChatMessage(role="system", content="late")],
+        [SYSTEM],
+    ],
+)
 def test_malformed_prompts_are_typed_errors(prompt: list[ChatMessage]) -> None:
     with pytest.raises(JobError) as err:
         build_conversation(prompt, 12)

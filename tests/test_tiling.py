@@ -14,8 +14,9 @@ MODES = ["RGB", "RGBA", "L", "P", "CMYK"]
 
 def noise(width: int, height: int, mode: str, seed_value: int) -> Image.Image:
     base = Image.effect_noise((width, height), 30 + seed_value % 50).convert("L")
-    image = Image.merge("RGB", [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-                                base.transpose(Image.Transpose.FLIP_TOP_BOTTOM)])
+    image = Image.merge(
+        "RGB", [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), base.transpose(Image.Transpose.FLIP_TOP_BOTTOM)]
+    )
     if mode == "RGBA":
         image.putalpha(base)
         return image
@@ -24,8 +25,9 @@ def noise(width: int, height: int, mode: str, seed_value: int) -> Image.Image:
 
 def cases(count: int) -> list[tuple[int, int, int, str]]:
     rng = random.Random(2024)
-    return [(rng.randint(20, 1600), rng.randint(20, 1600), rng.randint(1, 24), MODES[k % len(MODES)])
-            for k in range(count)]
+    return [
+        (rng.randint(20, 1600), rng.randint(20, 1600), rng.randint(1, 24), MODES[k % len(MODES)]) for k in range(count)
+    ]
 
 
 @pytest.mark.parametrize(("width", "height", "max_num", "mode"), cases(120))
@@ -59,10 +61,18 @@ def test_build_transform_matches_seed() -> None:
     assert torch.equal(tiling.build_transform(448)(image), seed.transform(448)(image))
 
 
-@pytest.mark.parametrize(("size", "max_num", "grid"), [
-    ((800, 600), 12, (4, 3)), ((448, 448), 12, (1, 1)), ((1200, 400), 6, (3, 1)), ((500, 900), 6, (1, 2)),
-    ((900, 300), 2, (2, 1)), ((2000, 50), 12, (12, 1)), ((100, 100), 4, (1, 1)),
-])
+@pytest.mark.parametrize(
+    ("size", "max_num", "grid"),
+    [
+        ((800, 600), 12, (4, 3)),
+        ((448, 448), 12, (1, 1)),
+        ((1200, 400), 6, (3, 1)),
+        ((500, 900), 6, (1, 2)),
+        ((900, 300), 2, (2, 1)),
+        ((2000, 50), 12, (12, 1)),
+        ((100, 100), 4, (1, 1)),
+    ],
+)
 def test_grid_choice(size: tuple[int, int], max_num: int, grid: tuple[int, int]) -> None:
     assert tiling.choose_grid(*size, 1, max_num, 448) == grid
     assert seed.grid(*size, 1, max_num, 448) == grid

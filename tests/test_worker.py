@@ -129,14 +129,28 @@ def test_frozen_worker_is_fenced_after_takeover(r: redis.Redis, start_worker) ->
     assert r.hget("ivl:job:{frozen}:state", "attempts") == "2"
 
 
-@pytest.mark.parametrize(("fields", "reason"), [
-    ({"job": "this is {not json"}, "invalid job"),
-    ({"foo": "bar"}, "no 'job' field"),
-    ({"job": json.dumps({"id": "wrong-types", "model": "fake", "prompt": "not a list"})}, "prompt"),
-    ({"job": json.dumps({"id": "huge", "model": "fake", "max_new_tokens": 10**12,
-                         "prompt": [{"role": "user", "content": "x" * 300_000}]})}, "max_new_tokens"),
-    ({"job": json.dumps({"model": "fake", "prompt": [{"role": "wizard", "content": "x"}]})}, "role"),
-])
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"job": "this is {not json"}, "invalid job"),
+        ({"foo": "bar"}, "no 'job' field"),
+        ({"job": json.dumps({"id": "wrong-types", "model": "fake", "prompt": "not a list"})}, "prompt"),
+        (
+            {
+                "job": json.dumps(
+                    {
+                        "id": "huge",
+                        "model": "fake",
+                        "max_new_tokens": 10**12,
+                        "prompt": [{"role": "user", "content": "x" * 300_000}],
+                    }
+                )
+            },
+            "max_new_tokens",
+        ),
+        ({"job": json.dumps({"model": "fake", "prompt": [{"role": "wizard", "content": "x"}]})}, "role"),
+    ],
+)
 def test_garbage_is_dead_lettered_and_worker_keeps_serving(  # type: ignore[no-untyped-def]
     r: redis.Redis, start_worker, fields: dict[str, str], reason: str
 ) -> None:
@@ -220,12 +234,21 @@ def test_redis_cli_example_against_two_workers(r: redis.Redis, redis_server: Red
     start_worker(delay=0.001)
     script = str(ROOT / "examples" / "redis_cli_submit.sh")
     env = {**os.environ, "MAX_NEW_TOKENS": "12"}
-    runs = [subprocess.run([script, redis_server.url, "fake", f"prompt {k}", f"cli{k}"], capture_output=True,
-                           text=True, timeout=60, env=env) for k in range(4)]
+    runs = [
+        subprocess.run(
+            [script, redis_server.url, "fake", f"prompt {k}", f"cli{k}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        for k in range(4)
+    ]
     assert [p.returncode for p in runs] == [0] * 4, [p.stderr for p in runs]
     assert [p.stdout.strip() for p in runs] == [expected_text(f"prompt {k}", 12).strip() for k in range(4)]
-    failed = subprocess.run([script, redis_server.url, "fake", "fail: please"], capture_output=True, text=True,
-                            timeout=60)
+    failed = subprocess.run(
+        [script, redis_server.url, "fake", "fail: please"], capture_output=True, text=True, timeout=60
+    )
     assert failed.returncode == 1
     assert "fake engine asked to fail" in failed.stderr
 
