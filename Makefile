@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/mypy
 
 demo: install
-	$(BIN)/python -m broker_worker.demo
+	$(BIN)/python scripts/demo.py
 
 bench: install
 	$(BIN)/python -m bench.run

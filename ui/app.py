@@ -1,0 +1,137 @@
+"""Streamlit chat for InternVL behind the gateway: what InternVL's streamlit_demo users know, plus a stop button.
+
+Talks only HTTP to the gateway (the seed protocol), so it also works against InternVL's own workers.
+Run: ``streamlit run ui/app.py`` with ``GATEWAY_URL`` (default http://127.0.0.1:8000).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import httpx
+import streamlit as st
+
+GATEWAY = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
+TOKEN = os.environ.get("GATEWAY_API_TOKEN", "")
+DEFAULT_SYSTEM = "You are InternVL, a helpful multimodal assistant."
+MAX_IMAGES_PER_TURN = 8
+
+
+def headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"} if TOKEN else {}
+
+
+@st.cache_data(ttl=5)
+def list_models() -> list[str]:
+    try:
+        response = httpx.post(f"{GATEWAY}/list_models", headers=headers(), timeout=5)
+        return list(response.json().get("models", []))
+    except (httpx.HTTPError, ValueError):
+        return []
+
+
+def payload(model: str, system: str, params: dict[str, Any]) -> dict[str, Any]:
+    prompt: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    for message in st.session_state.messages:
+        if message.get("error"):
+            continue  # an error shown to the user is not part of the conversation
+        item = {"role": message["role"], "content": message["content"]}
+        if message["role"] == "user":
+            item["image"] = message.get("images", [])
+        prompt.append(item)
+    prompt.append({"role": "assistant", "content": None})
+    return {"model": model, "prompt": prompt, **params}
+
+
+def stream_answer(body: dict[str, Any], placeholder: Any) -> tuple[str, int]:
+    """Show the cumulative text as it streams; returns (text, error_code)."""
+    text, code = "", 0
+    with httpx.stream("POST", f"{GATEWAY}/worker_generate_stream", json=body, headers=headers(),
+                      timeout=httpx.Timeout(10, read=300)) as response:
+        st.session_state.job_id = response.headers.get("x-job-id")
+        buffer = b""
+        for piece in response.iter_bytes():
+            buffer += piece
+            *frames, buffer = buffer.split(b"\0")
+            for frame in frames:
+                if not frame.strip():
+                    continue
+                chunk = json.loads(frame)
+                text, code = chunk["text"], chunk["error_code"]
+                placeholder.markdown(text + ("" if code else " ▌"))
+    return text, code
+
+
+def sidebar() -> tuple[str | None, str, dict[str, Any]]:
+    with st.sidebar:
+        st.title("InternVL chat")
+        models = list_models()
+        model = st.selectbox("Model", models, index=0 if models else None, placeholder="no live worker")
+        if model and model.startswith("tiny"):
+            st.warning("This is the tiny random-weight test model: its answers are noise by design.")
+        system = st.text_area("System prompt", DEFAULT_SYSTEM, height=80)
+        params = {
+            "temperature": st.slider("Temperature", 0.0, 1.0, 0.7, 0.05),
+            "top_p": st.slider("Top p", 0.0, 1.0, 0.95, 0.05),
+            "max_new_tokens": st.slider("Max new tokens", 16, 4096, 1024, 16),
+            "max_input_tiles": st.slider("Max input tiles (tile budget)", 1, 24, 12, 1),
+            "repetition_penalty": st.slider("Repetition penalty", 1.0, 1.5, 1.1, 0.02),
+        }
+        if st.button("Clear chat"):
+            st.session_state.messages = []
+        st.caption(f"Gateway: {GATEWAY}")
+    return model, system, params
+
+
+def show_history() -> None:
+    for message in st.session_state.messages:
+        with st.chat_message(message["role"]):
+            for b64 in message.get("images", []):
+                st.image(base64.b64decode(b64), width=240)
+            if message.get("error"):
+                st.error(message["content"])
+            else:
+                st.markdown(message["content"])
+
+
+def main() -> None:
+    st.set_page_config(page_title="InternVL chat", page_icon="🖼️", layout="wide")
+    st.session_state.setdefault("messages", [])
+    st.session_state.setdefault("uploader", 0)
+    model, system, params = sidebar()
+    if st.session_state.get("job_id") and st.session_state.get("stop_requested"):
+        httpx.post(f"{GATEWAY}/jobs/{st.session_state.job_id}/cancel", headers=headers(), timeout=5)
+        st.session_state.stop_requested = False
+    show_history()
+    uploads = st.file_uploader("Images for your next message", type=["png", "jpg", "jpeg", "webp", "bmp"],
+                               accept_multiple_files=True, key=f"uploads-{st.session_state.uploader}")
+    question = st.chat_input("Ask about the images…", disabled=model is None)
+    if not question or model is None:
+        return
+    images = [base64.b64encode(f.getvalue()).decode() for f in (uploads or [])[:MAX_IMAGES_PER_TURN]]
+    st.session_state.messages.append({"role": "user", "content": question, "images": images})
+    with st.chat_message("user"):
+        for b64 in images:
+            st.image(base64.b64decode(b64), width=240)
+        st.markdown(question)
+    with st.chat_message("assistant"):
+        st.button("⏹ Stop", key="stop", on_click=lambda: st.session_state.update(stop_requested=True))
+        placeholder = st.empty()
+        try:
+            text, code = stream_answer(payload(model, system, params), placeholder)
+        except httpx.HTTPError as exc:
+            text, code = f"Could not reach the gateway at {GATEWAY}: {exc}", 50001
+        if code:
+            placeholder.error(f"{text} (error_code: {code})")
+            st.session_state.messages.append({"role": "assistant", "content": f"{text} (error_code: {code})",
+                                              "error": True})
+        else:
+            st.session_state.messages.append({"role": "assistant", "content": text})
+    st.session_state.uploader += 1  # a fresh uploader for the next turn
+    st.rerun()
+
+
+main()
