@@ -44,14 +44,30 @@ def ensure_redis(url: str) -> str:
             subprocess.run(["apt-get", "update", "-qq"], check=False)
             subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True)
         else:
-            sys.exit("[demo] no Redis at REDIS_URL and no redis-server: install it (sudo apt-get install "
-                     "redis-server, or brew install redis) or set REDIS_URL to a running Redis")
+            sys.exit(
+                "[demo] no Redis at REDIS_URL and no redis-server: install it (sudo apt-get install "
+                "redis-server, or brew install redis) or set REDIS_URL to a running Redis"
+            )
     parts = urlsplit(url)
     port = parts.port or 6379
     STATE.mkdir(exist_ok=True)
     log(f"starting our own redis-server on 127.0.0.1:{port}")
-    start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", str(STATE)], "redis")
+    start(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(STATE),
+        ],
+        "redis",
+    )
     deadline = time.monotonic() + 10
     while not redis_answers(url):
         if time.monotonic() > deadline:
@@ -75,8 +91,9 @@ def ensure_model() -> tuple[Path, str]:
 def start(cmd: list[str], name: str, env: dict[str, str] | None = None) -> None:
     STATE.mkdir(exist_ok=True)
     logfile = (STATE / f"{name}.log").open("ab")
-    children.append(subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(env or {})}))
+    children.append(
+        subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
+    )
 
 
 def stop(*_: object) -> None:
@@ -102,13 +119,50 @@ def main() -> None:
     gateway_port, ui_port = os.environ.get("GATEWAY_PORT", "8000"), os.environ.get("UI_PORT", "8501")
     workers = int(os.environ.get("WORKERS", "1"))
     for k in range(workers):
-        start([str(BIN / "broker-worker"), "run", "--redis-url", url, "--model-path", str(model_path),
-               "--model-name", model_name, "--device", os.environ.get("DEVICE", "cpu")], f"worker{k + 1}")
-    start([str(BIN / "broker-gateway"), "--redis-url", url, "--host", "0.0.0.0", "--port", gateway_port,
-           "--worker-address", f"http://127.0.0.1:{gateway_port}"], "gateway")
-    start([str(BIN / "streamlit"), "run", str(ROOT / "ui" / "app.py"), "--server.port", ui_port,
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"], "ui",
-          env={"GATEWAY_URL": f"http://127.0.0.1:{gateway_port}"})
+        start(
+            [
+                str(BIN / "broker-worker"),
+                "run",
+                "--redis-url",
+                url,
+                "--model-path",
+                str(model_path),
+                "--model-name",
+                model_name,
+                "--device",
+                os.environ.get("DEVICE", "cpu"),
+            ],
+            f"worker{k + 1}",
+        )
+    start(
+        [
+            str(BIN / "broker-gateway"),
+            "--redis-url",
+            url,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            gateway_port,
+            "--worker-address",
+            f"http://127.0.0.1:{gateway_port}",
+        ],
+        "gateway",
+    )
+    start(
+        [
+            str(BIN / "streamlit"),
+            "run",
+            str(ROOT / "ui" / "app.py"),
+            "--server.port",
+            ui_port,
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        "ui",
+        env={"GATEWAY_URL": f"http://127.0.0.1:{gateway_port}"},
+    )
     log(f"gateway  http://127.0.0.1:{gateway_port}  (POST /worker_generate_stream, /v1/chat/completions, /metrics)")
     log(f"chat UI  http://127.0.0.1:{ui_port}")
     log(f"redis    {url}   workers: {workers} x {model_name}   logs: {STATE}/*.log")

@@ -49,8 +49,9 @@ def payload(model: str, system: str, params: dict[str, Any]) -> dict[str, Any]:
 def stream_answer(body: dict[str, Any], placeholder: Any) -> tuple[str, int]:
     """Show the cumulative text as it streams; returns (text, error_code)."""
     text, code = "", 0
-    with httpx.stream("POST", f"{GATEWAY}/worker_generate_stream", json=body, headers=headers(),
-                      timeout=httpx.Timeout(10, read=300)) as response:
+    with httpx.stream(
+        "POST", f"{GATEWAY}/worker_generate_stream", json=body, headers=headers(), timeout=httpx.Timeout(10, read=300)
+    ) as response:
         st.session_state.job_id = response.headers.get("x-job-id")
         buffer = b""
         for piece in response.iter_bytes():
@@ -106,8 +107,12 @@ def main() -> None:
         httpx.post(f"{GATEWAY}/jobs/{st.session_state.job_id}/cancel", headers=headers(), timeout=5)
         st.session_state.stop_requested = False
     show_history()
-    uploads = st.file_uploader("Images for your next message", type=["png", "jpg", "jpeg", "webp", "bmp"],
-                               accept_multiple_files=True, key=f"uploads-{st.session_state.uploader}")
+    uploads = st.file_uploader(
+        "Images for your next message",
+        type=["png", "jpg", "jpeg", "webp", "bmp"],
+        accept_multiple_files=True,
+        key=f"uploads-{st.session_state.uploader}",
+    )
     question = st.chat_input("Ask about the images…", disabled=model is None)
     if not question or model is None:
         return
@@ -118,7 +123,7 @@ def main() -> None:
             st.image(base64.b64decode(b64), width=240)
         st.markdown(question)
     with st.chat_message("assistant"):
-        st.button("⏹ Stop", key="stop", on_click=lambda: st.session_state.update(stop_requested=True))
+        st.button("Stop generating", key="stop", on_click=lambda: st.session_state.update(stop_requested=True))
         placeholder = st.empty()
         try:
             text, code = stream_answer(payload(model, system, params), placeholder)
@@ -126,8 +131,9 @@ def main() -> None:
             text, code = f"Could not reach the gateway at {GATEWAY}: {exc}", 50001
         if code:
             placeholder.error(f"{text} (error_code: {code})")
-            st.session_state.messages.append({"role": "assistant", "content": f"{text} (error_code: {code})",
-                                              "error": True})
+            st.session_state.messages.append(
+                {"role": "assistant", "content": f"{text} (error_code: {code})", "error": True}
+            )
         else:
             st.session_state.messages.append({"role": "assistant", "content": text})
     st.session_state.uploader += 1  # a fresh uploader for the next turn
