@@ -180,17 +180,24 @@ class AsyncClient:
         try:
             raw = await asyncio.wait_for(queue.get(), self.poll_s)
         except TimeoutError:
-            return await self._replay_quietly(job_id, last)
+            return await self._recheck(job_id, last)
         if raw == _RESYNC:
-            return await self._replay_quietly(job_id, last)
+            return await self._recheck(job_id, last)
         event = parse_event(raw)
         if event.seq > last + 1:
-            return await self._replay_quietly(job_id, last)
+            return await self._recheck(job_id, last)
         return [event]
 
-    async def _replay_quietly(self, job_id: str, last: int) -> list[Event]:
+    async def _recheck(self, job_id: str, last: int) -> list[Event]:
+        """After a quiet spell, a gap or a reconnect: read the replay; notice a job Redis no longer has."""
         try:
-            return await jobs.replay(self.redis, job_id, last)
+            events = await jobs.replay(self.redis, job_id, last)
+            if not events and not await jobs.exists(self.redis, job_id):
+                raise JobError(
+                    ErrorCode.INTERNAL_ERROR,
+                    f"job {job_id} is gone from Redis (restarted without persistence?); submit it again",
+                )
+            return events
         except (RedisError, OSError) as exc:
             log.warning("job %s: replay read failed (%s); will retry", job_id, exc)
             await asyncio.sleep(0.2)

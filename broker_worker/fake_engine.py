@@ -13,9 +13,13 @@ from broker_worker.errors import ErrorCode, JobError
 from broker_worker.messages import Job, Usage
 
 
+def question_of(job: Job) -> str:
+    return next((m.text for m in reversed(job.prompt) if m.role == "user"), "")
+
+
 def fake_tokens(job: Job) -> list[str]:
     """The full answer for a job, one token per item."""
-    question = job.prompt[-1].text if job.prompt else ""
+    question = question_of(job)
     return [f"t{i}:{len(question)} " for i in range(job.max_new_tokens)]
 
 
@@ -27,7 +31,7 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
-        question = job.prompt[-1].text
+        question = question_of(job)
         if question.startswith("fail:"):
             raise JobError(ErrorCode.INTERNAL_ERROR, f"fake engine asked to fail: {question}")
         tokens = fake_tokens(job)

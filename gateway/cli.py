@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+import uvicorn
+
 from broker_worker import settings_cli
 from broker_worker.connections import redact
 from gateway.settings import GatewaySettings
@@ -14,8 +16,6 @@ log = logging.getLogger("gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     from broker_worker.logs import configure
     from gateway.app import create_app
 

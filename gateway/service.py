@@ -42,6 +42,8 @@ class GatewayService:
         self.client = client
         self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
+        #: Set when the gateway itself shuts down: its streams end, but their jobs go on (clients resume by id).
+        self.draining = False
 
     async def status(self) -> Status:
         workers = await self.client.workers()
@@ -83,7 +85,7 @@ class GatewayService:
             self.metrics.jobs.labels(job.model, "timeout").inc()
             raise exc
         finally:
-            if not finished:
+            if not finished and not self.draining:
                 self.cancel_later(job.id)
 
     async def resume(self, job_id: str, after_seq: int) -> AsyncIterator[Event]:

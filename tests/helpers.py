@@ -47,28 +47,25 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    #: When set, the server listens with TLS only and clients trust this CA (rediss://).
+    tls_ca: Path | None = None
+    #: Credentials of the test's own admin client (after ACL changes).
+    admin: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls_ca is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls_ca}"
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def url_for(self, user: str, password: str) -> str:
+        return self.url.replace("://", f"://{user}:{password}@", 1)
+
     def start(self) -> RedisServer:
-        cmd = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
-            "--logfile",
-            str(self.directory / f"redis-{self.port}.log"),
-            *self.extra,
-        ]
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls_ca else ["--port", str(self.port)]
+        log = str(self.directory / f"redis-{self.port}.log")
+        cmd = ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        cmd += ["--dir", str(self.directory), "--logfile", log, *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._pings, 10, "redis-server to answer")
         return self
@@ -80,7 +77,8 @@ class RedisServer:
             return False
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+        url = self.url_for(*self.admin) if self.admin else self.url
+        return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
 
     def kill(self) -> None:
         if self.proc is not None:

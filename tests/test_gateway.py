@@ -128,26 +128,25 @@ def test_client_disconnect_cancels_the_job(start_worker, start_gateway, r: redis
 
 
 class FakeController:
-    """The documented controller endpoints, recording what the gateway sends."""
+    """The documented controller endpoints: it knows the workers that registered since it (re)started."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.registrations: list[dict[str, Any]] = []
         self.heartbeats: list[dict[str, Any]] = []
-        self.forget = False
+        self.known: set[str] = set()
         app = FastAPI()
 
         @app.post("/register_worker")
         def register(body: dict[str, Any]) -> dict[str, Any]:
             self.registrations.append(body)
+            self.known.add(body["worker_name"])
             return {}
 
         @app.post("/receive_heart_beat")
         def heartbeat(body: dict[str, Any]) -> dict[str, Any]:
             self.heartbeats.append(body)
-            exist = not self.forget
-            self.forget = False
-            return {"exist": exist}
+            return {"exist": body["worker_name"] in self.known}
 
         self.app = app
         self.server: uvicorn.Server | None = None
@@ -158,6 +157,7 @@ class FakeController:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.known.clear()  # a restarted controller has forgotten every worker
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -167,6 +167,7 @@ class FakeController:
         assert self.server is not None and self.thread is not None
         self.server.should_exit = True
         self.thread.join(10)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -195,7 +196,7 @@ def test_controller_bridge(controller: FakeController, start_worker, start_gatew
     assert first["worker_status"]["model_names"] == ["fake"]
     wait_for(lambda: len(controller.heartbeats) >= 2, 10, "heartbeats")
     assert controller.heartbeats[0] == {"worker_name": "http://gateway.example:8000", "queue_length": 0}
-    controller.forget = True
+    controller.known.clear()  # the controller expired us: the next heartbeat answers exist: false
     wait_for(lambda: len(controller.registrations) >= 2, 10, "re-registration after exist: false")
     controller.stop()
     payload = {

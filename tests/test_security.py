@@ -1,0 +1,208 @@
+"""Least-privilege Redis ACL users, TLS, and hostile input: refused fast with typed errors, service unharmed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.helpers import BIN, Proc, RedisServer, free_port, png_b64, spawn, wait_for, worker_args
+from tests.test_images import png_bomb
+
+# The ACL users docs/reliability.md documents (keys and channels under ivl:, only the commands each side uses).
+WORKER_ACL = (
+    "on >worker-secret ~ivl:* &ivl:* -@all +ping +xreadgroup +xack +xdel +xautoclaim "
+    "+xclaim +xgroup|create +xadd +xrange +xlen +evalsha +eval +script|load +set +get +mget +del +zadd "
+    "+zrem +zrangebyscore +zremrangebyscore +expire +hget +hset +hincrby +exists +publish +multi +exec"
+)
+GATEWAY_ACL = (
+    "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hsetnx "
+    "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec"
+)
+
+
+def end_to_end(worker_url: str, gateway_url: str, tmp_path: Path, procs: list[Proc]) -> str:
+    procs.append(spawn("worker", worker_args(worker_url, delay=0.001), tmp_path))
+    port = free_port()
+    procs.append(
+        spawn("gateway", [str(BIN / "broker-gateway"), "--redis-url", gateway_url, "--port", str(port)], tmp_path)
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"] == ["fake"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            assert all(p.alive for p in procs), [p.log()[-2000:] for p in procs]
+            return False
+
+    wait_for(ready, 60, "worker and gateway")
+    payload = {"model": "fake", "prompt": [{"role": "user", "content": "secure"}], "max_new_tokens": 6}
+    body = httpx.post(base + "/worker_generate_stream", json=payload, timeout=30).content
+    last = json.loads(body.split(b"\0")[-2])
+    assert last["error_code"] == 0, last
+    return str(last["text"])
+
+
+def test_least_privilege_acl_users(tmp_path: Path, procs: list[Proc]) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "ivl-worker", *WORKER_ACL.split())
+        admin.execute_command("ACL", "SETUSER", "ivl-gateway", *GATEWAY_ACL.split())
+        admin.execute_command("ACL", "SETUSER", "admin", "on", ">admin-secret", "~*", "&*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "default", "off")  # nobody gets in without a password
+        server.admin = ("admin", "admin-secret")
+        text = end_to_end(
+            server.url_for("ivl-worker", "worker-secret"),
+            server.url_for("ivl-gateway", "gateway-secret"),
+            tmp_path,
+            procs,
+        )
+        assert text == "t0:6 t1:6 t2:6 t3:6 t4:6 t5:6 "
+        worker = redis.Redis.from_url(server.url_for("ivl-worker", "worker-secret"))
+        for forbidden in (
+            lambda: worker.flushall(),
+            lambda: worker.set("other:key", 1),
+            lambda: worker.keys("*"),
+            lambda: worker.config_get("*"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forbidden()
+        gateway = redis.Redis.from_url(server.url_for("ivl-gateway", "gateway-secret"))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            gateway.xreadgroup("workers", "me", {"ivl:jobs:fake": ">"})  # the gateway cannot take jobs
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=server.port).ping()
+        for proc in procs:
+            assert "worker-secret" not in proc.log() and "gateway-secret" not in proc.log()  # passwords not logged
+    finally:
+        server.kill()
+
+
+def make_tls_files(directory: Path) -> Path:
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost")
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    )
+    return directory / "ca.crt"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_tls_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
+    ca = make_tls_files(tmp_path)
+    tls = [
+        "--tls-cert-file",
+        str(tmp_path / "server.crt"),
+        "--tls-key-file",
+        str(tmp_path / "server.key"),
+        "--tls-ca-cert-file",
+        str(ca),
+        "--tls-auth-clients",
+        "no",
+    ]
+    server = RedisServer(tmp_path, extra=tls, tls_ca=ca)
+    try:
+        server.start()
+    except AssertionError:
+        pytest.skip("this redis-server build has no TLS support")
+    try:
+        assert end_to_end(server.url, server.url, tmp_path, procs) == "t0:6 t1:6 t2:6 t3:6 t4:6 t5:6 "
+        with pytest.raises(redis.exceptions.ConnectionError):
+            redis.Redis(port=server.port, socket_timeout=2).ping()  # plaintext is refused
+    finally:
+        server.kill()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_hostile_inputs_refused_fast(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    start_worker(delay=0.001)
+    gateway, base = start_gateway()
+    before = rss_kb(gateway.popen.pid)
+
+    def prompt(images: list[str]) -> dict[str, object]:
+        return {"model": "fake", "prompt": [{"role": "user", "content": "hi", "image": images}], "max_new_tokens": 4}
+
+    truncated = png_b64(200, 200)[:101]
+    cases = {
+        "bomb": (prompt([png_bomb()]), 40001, "bomb"),
+        "truncated base64": (prompt([truncated]), 40001, "invalid base64"),
+        "1000 images": (prompt([png_b64(8, 8)] * 1000), 40001, "prompt.0.image"),
+    }
+    for name, (payload, code, fragment) in cases.items():
+        started = time.monotonic()
+        response = httpx.post(base + "/worker_generate_stream", json=payload, timeout=30)
+        assert time.monotonic() - started < 5, name
+        chunk = json.loads(response.content.split(b"\0")[0])
+        assert 400 <= response.status_code < 500, name
+        assert chunk["error_code"] == code and fragment in chunk["text"], (name, chunk)
+    started = time.monotonic()
+    assert post_raw_body(base, 100 * 1024 * 1024) == 413
+    assert time.monotonic() - started < 5
+    assert rss_kb(gateway.popen.pid) - before < 150_000  # nothing large was buffered
+    ok = httpx.post(base + "/worker_generate_stream", json=prompt([png_b64(64, 64)]), timeout=30).content
+    assert json.loads(ok.split(b"\0")[-2])["error_code"] == 0
+
+
+def post_raw_body(base: str, size: int) -> int:
+    """Announce a body of ``size`` bytes, send 1 MB of it, and read the status line the gateway answers with."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            f"POST /worker_generate_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+            + b"x" * 1_000_000
+        )
+        status_line = conn.recv(4096).split(b"\r\n")[0]
+    return int(status_line.split()[1])
+
+
+def test_b64_helper_sanity() -> None:
+    assert base64.b64decode(png_b64(4, 4))[:8] == b"\x89PNG\r\n\x1a\n"
