@@ -45,7 +45,7 @@ def procs(tmp_path: Path) -> Iterator[list[Proc]]:
 
 
 @pytest.fixture
-def start_worker(procs: list[Proc], tmp_path: Path, redis_server: RedisServer):  # type: ignore[no-untyped-def]
+def start_worker(procs: list[Proc], tmp_path: Path, redis_server: RedisServer, r: redis.Redis):  # type: ignore[no-untyped-def]
     def start(model: str = "fake", wait: bool = True, url: str | None = None, **kwargs: object) -> Proc:
         proc = spawn(f"worker-{model}", worker_args(url or redis_server.url, model=model, **kwargs), tmp_path)
         procs.append(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -45,10 +46,8 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 @FAST
 @given(json_values)
 def test_any_json_is_a_job_or_a_validation_error(value: Any) -> None:
-    try:
+    with contextlib.suppress(ValidationError):
         Job.model_validate(value)
-    except ValidationError:
-        pass
 
 
 @FAST
@@ -104,7 +103,5 @@ def test_gateway_request_models_never_crash(value: Any) -> None:
         except ValidationError:
             continue
         if isinstance(parsed, OpenAIChatRequest):
-            try:
+            with contextlib.suppress(JobError, ValidationError):
                 openai_to_prompt(parsed)
-            except (JobError, ValidationError):
-                pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -50,7 +51,7 @@ def run_request(base: str, payload: dict[str, Any], timeout: float = 120) -> lis
 
 def consistent(chunks: list[dict[str, Any]]) -> bool:
     texts = [c["text"] for c in chunks]
-    return all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    return all(b.startswith(a) for a, b in itertools.pairwise(texts))
 
 
 def expected(question: str, tokens: int) -> str:
