@@ -27,15 +27,15 @@ test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not browser and not slow"
 
 lint: install
-	$(BIN)/ruff check broker_worker gateway tests bench ui
-	$(BIN)/ruff format --check broker_worker gateway tests bench ui
+	$(BIN)/ruff check broker_worker gateway tests bench ui scripts
+	$(BIN)/ruff format --check broker_worker gateway tests bench ui scripts
 	$(BIN)/mypy
 
 demo: install
 	$(BIN)/python scripts/demo.py
 
 bench: install
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

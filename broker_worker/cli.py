@@ -51,8 +51,13 @@ def build_engine(settings: WorkerSettings) -> Engine:
         return FakeEngine(settings.resolved_model_name(), settings.fake_token_delay_s)
     if settings.model_path is None:
         raise SystemExit("broker-worker run: --model-path is required (or --fake-engine)")
+    import torch
+
     from broker_worker.internvl_engine import InternVLEngine
     from broker_worker.loading import CheckpointError, LoadOptions, load
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
 
     options = LoadOptions(
         settings.model_path,
@@ -75,7 +80,11 @@ def run(settings: WorkerSettings) -> int:
     configure(settings.log_level)
     log.info("connecting to %s", redact(settings.redis_url))
     engine = build_engine(settings)
-    return asyncio.run(_serve(settings, engine))
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not built for every platform
+        return asyncio.run(_serve(settings, engine))
+    return uvloop.run(_serve(settings, engine))
 
 
 async def _serve(settings: WorkerSettings, engine: Engine) -> int:

@@ -36,6 +36,7 @@ class Subscriber:
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
+        self._has_channels = asyncio.Event()
 
     async def subscribe(self, channel: str) -> asyncio.Queue[str]:
         queue: asyncio.Queue[str] = asyncio.Queue()
@@ -50,6 +51,7 @@ class Subscriber:
         waiter = self._confirmed[channel] = asyncio.get_running_loop().create_future()
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.subscribe(channel)
+            self._has_channels.set()
             # A missed confirmation is harmless (the replay covers it); waiting bounds the usual race.
             await asyncio.wait_for(asyncio.shield(waiter), timeout=2.0)
 
@@ -73,7 +75,8 @@ class Subscriber:
         while True:
             try:
                 if not self._pubsub.subscribed:
-                    await asyncio.sleep(0.05)
+                    self._has_channels.clear()
+                    await self._has_channels.wait()  # woken by the next subscribe, not by polling
                     continue
                 message = await self._pubsub.get_message(timeout=1.0)
                 backoff = 0.1
@@ -129,16 +132,25 @@ class AsyncClient:
 
         return cls(async_redis(url))
 
-    async def submit(self, job: Job) -> bool:
-        """Queue the job; False when a job with this id already ran or is running (it is not run twice)."""
-        return await jobs.submit(self.redis, job) is not None
+    async def submit(self, job: Job) -> str:
+        """Queue the job (an id that already ran or runs is not run twice); returns the stream entry id."""
+        return await jobs.submit(self.redis, job)
 
     async def generate(self, job: Job, **timeouts: float | None) -> AsyncIterator[Event]:
-        """Subscribe, submit, then stream the job's events until the terminal one."""
+        """Subscribe, submit, then stream the job's events until the terminal one.
+
+        SUBSCRIBE is sent first but its confirmation is awaited together with the submission: one round trip
+        less before the job is queued. An event published before the subscription took effect is read from the
+        replay record (gap or quiet-spell check), so nothing is lost either way.
+        """
         channel = c.job_channel(job.id)
-        queue = await self.subscriber.subscribe(channel)
+        queue, submitted = await asyncio.gather(
+            self.subscriber.subscribe(channel), self.submit(job), return_exceptions=True
+        )
+        assert isinstance(queue, asyncio.Queue)  # subscribe() does not raise: Redis errors end up in a resync
         try:
-            await self.submit(job)
+            if isinstance(submitted, BaseException):
+                raise submitted
             async for event in self._events(job.id, queue, 0, **timeouts):
                 yield event
         finally:

@@ -80,7 +80,7 @@ def decode_image(b64: str, index: int = 1, limits: ImageLimits = DEFAULT_LIMITS)
 
 
 def content_key(b64: str) -> str:
-    return hashlib.blake2b(strip_data_url(b64).encode(), digest_size=16).hexdigest()
+    return hashlib.sha256(strip_data_url(b64).encode()).hexdigest()  # SHA-NI makes it the fastest here
 
 
 V = TypeVar("V")

@@ -26,6 +26,11 @@ from broker_worker.prompt import Conversation, build_conversation, expand_images
 from broker_worker.tiling import build_transform, tile_image
 
 TILE_CACHE_BYTES = 512 * 1024 * 1024
+PixelStack = tuple[torch.Tensor, list[int]]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 @dataclass
@@ -77,7 +82,8 @@ class InternVLEngine:
         self._limits = image_limits
         self._skip_ids = control_token_ids(loaded.tokenizer)
         self._eos_ids = self._stop_ids(loaded)
-        self._tiles: LruCache[torch.Tensor] = LruCache(TILE_CACHE_BYTES, lambda t: t.numel() * t.element_size())
+        self._tiles: LruCache[torch.Tensor] = LruCache(TILE_CACHE_BYTES, tensor_bytes)
+        self._stacks: LruCache[PixelStack] = LruCache(TILE_CACHE_BYTES, lambda s: tensor_bytes(s[0]))
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         prepared = self.prepare(job, answer_prefix)
@@ -117,17 +123,21 @@ class InternVLEngine:
         return Prepared(encoded["input_ids"], encoded["attention_mask"], pixel_values, max_new, prefix_tokens)
 
     def pixel_values(self, conversation: Conversation) -> tuple[torch.Tensor | None, list[int]]:
-        stacks = [
-            self._tiles_for(b64, budget, n)
-            for n, (b64, budget) in enumerate(zip(conversation.images, conversation.budgets, strict=True), start=1)
-        ]
-        if not stacks:
+        if not conversation.images:
             return None, []
-        return torch.cat(stacks), [int(s.shape[0]) for s in stacks]
+        keys = tuple(zip(map(content_key, conversation.images), conversation.budgets, strict=True))
 
-    def _tiles_for(self, b64: str, budget: int, index: int) -> torch.Tensor:
+        def stack() -> PixelStack:
+            pairs = zip(conversation.images, keys, strict=True)
+            tiles = [self._tiles_for(b64, key, n) for n, (b64, key) in enumerate(pairs, start=1)]
+            return (tiles[0] if len(tiles) == 1 else torch.cat(tiles)), [int(t.shape[0]) for t in tiles]
+
+        # Chat clients resend every image each turn: the whole stack is cached too, not only each image.
+        return self._stacks.get_or_make(keys, stack)
+
+    def _tiles_for(self, b64: str, image_key: tuple[str, int], index: int) -> torch.Tensor:
         m = self._m
-        key = (content_key(b64), budget, m.image_size, m.use_thumbnail, m.dynamic_image_size)
+        budget = image_key[1]
 
         def make() -> torch.Tensor:
             image = decode_image(b64, index, self._limits)
@@ -135,7 +145,7 @@ class InternVLEngine:
                 return build_transform(m.image_size)(image).unsqueeze(0)
             return tile_image(image, max_num=budget, image_size=m.image_size, use_thumbnail=m.use_thumbnail)
 
-        return self._tiles.get_or_make(key, make)
+        return self._tiles.get_or_make(image_key, make)
 
     def _generate_kwargs(
         self, job: Job, p: Prepared, streamer: _DeltaStreamer, cancel: threading.Event

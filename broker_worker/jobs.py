@@ -85,12 +85,13 @@ class JobStore:
         return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token]))
 
 
-async def submit(redis: aioredis.Redis, job: Job) -> str | None:
-    """Queue a job unless its id is already running or finished. Returns the new stream entry id, or None."""
+async def submit(redis: aioredis.Redis, job: Job) -> str:
+    """Queue a job in one round trip; returns the stream entry id.
+
+    Re-submitting an id that is running or finished queues an entry that the worker acks without running it
+    (the start script decides, atomically), so the caller may simply stream the id's events.
+    """
     state = c.job_state_key(job.id)
-    status = await redis.hget(state, "status")
-    if status in ("running", "done", "failed", "cancelled"):
-        return None
     async with redis.pipeline(transaction=False) as pipe:
         # "queued" lets a resuming client tell a waiting job from an unknown id; workers treat it as new.
         pipe.hsetnx(state, "status", "queued")

@@ -143,8 +143,7 @@ def _load_native(opts: LoadOptions, kwargs: dict[str, Any]) -> LoadedModel:
     model = AutoModelForImageTextToText.from_pretrained(opts.model_path, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(opts.model_path)
     cfg = model.config
-    size = cfg.vision_config.image_size
-    image_size = int(size[0] if isinstance(size, list | tuple) else size)
+    image_size = _side(cfg.vision_config.image_size)
     return LoadedModel(
         model,
         tokenizer,
@@ -168,8 +167,8 @@ def _load_remote(opts: LoadOptions, config: dict[str, Any], kwargs: dict[str, An
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     template = TEMPLATES.get(config.get("template", ""), TEMPLATES["internvl2_5"])
     vision = config.get("vision_config") or {}
-    image_size = int(config.get("force_image_size") or vision.get("image_size") or 448)
-    patch = int(vision.get("patch_size") or 14)
+    image_size = _side(config.get("force_image_size") or vision.get("image_size") or 448)
+    patch = _side(vision.get("patch_size") or 14)
     tokens = int((image_size // patch) ** 2 * float(config.get("downsample_ratio", 0.5)) ** 2)
     return LoadedModel(
         model,
@@ -183,6 +182,11 @@ def _load_remote(opts: LoadOptions, config: dict[str, Any], kwargs: dict[str, An
         _context_len(model.language_model.config),
         str(model.device),
     )
+
+
+def _side(value: Any) -> int:
+    """Sizes are an int in InternVL configs and [height, width] in transformers' vision configs."""
+    return int(value[0] if isinstance(value, list | tuple) else value)
 
 
 def _context_len(text_config: Any) -> int:

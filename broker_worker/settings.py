@@ -31,6 +31,7 @@ class WorkerSettings(RedisSettings):
     vit_alpha: float = Field(default=0.5, ge=0.0, lt=1.0, description="share of GPU 0 taken by the vision model")
     load_8bit: bool = Field(default=False, description="bitsandbytes 8-bit weights (CUDA only)")
     load_4bit: bool = Field(default=False, description="bitsandbytes 4-bit weights (CUDA only)")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: torch's)")
     limit_model_concurrency: int = Field(default=5, ge=1, le=256, description="jobs run at once by this worker")
     stream_interval_ms: int = Field(default=c.STREAM_INTERVAL_MS, ge=0, description="coalesce deltas this long")
     lease_s: float = Field(default=c.LEASE_S, gt=0, description="idle time after which a job is taken over")

@@ -301,11 +301,9 @@ class Worker:
             len(prefix),
             ", reclaimed" if reclaimed else "",
         )
-        if await self.store.publish(job.id, run.token, Started(worker=self.worker_id, resumed=resumed)) == FENCED:
-            return
         relay = _Relay(self, run)
         try:
-            finish = await relay.generate(prefix)
+            finish = await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
         except Handback:
             await self._hand_back(run)
             return
@@ -422,8 +420,9 @@ class _Relay:
         self._buffer.append(text)
         self._wake.set()
 
-    async def generate(self, prefix: str) -> Finish:
-        pump = asyncio.create_task(self._pump())
+    async def generate(self, prefix: str, started: Started) -> Finish:
+        """``started`` goes out first, while the engine already prepares the prompt (one round trip less)."""
+        pump = asyncio.create_task(self._pump(started))
         try:
             finish = await self._loop.run_in_executor(
                 self._worker._executor,
@@ -442,7 +441,9 @@ class _Relay:
             raise Handback
         return finish
 
-    async def _pump(self) -> None:
+    async def _pump(self, started: Started) -> None:
+        if await self._publish_with_retry(started) == FENCED:
+            self._run.stop("fenced")
         last = 0.0
         while True:
             await self._wake.wait()

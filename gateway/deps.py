@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the shared service and the optional bearer token."""
+"""FastAPI dependencies: the shared service and the optional bearer token.
+
+Both are ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool, a thread hop per request.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ from fastapi import HTTPException, Request
 from gateway.service import GatewayService
 
 
-def get_service(request: Request) -> GatewayService:
+async def get_service(request: Request) -> GatewayService:
     service: GatewayService = request.app.state.service
     return service
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     token = request.app.state.service.settings.api_token
     if not token:
         return

@@ -17,6 +17,7 @@ from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
+STATUS_REUSE_S = 0.25
 
 
 @dataclass
@@ -44,17 +45,28 @@ class GatewayService:
         self._background: set[asyncio.Task[None]] = set()
         #: Set when the gateway itself shuts down: its streams end, but their jobs go on (clients resume by id).
         self.draining = False
+        self._status: Status | None = None
+        self._status_at = 0.0
 
     async def status(self) -> Status:
         workers = await self.client.workers()
         models = sorted({w.model for w in workers})
         queues = {m: await self.client.queue_length(m) for m in models}
-        return Status(workers, queues)
+        self._status, self._status_at = Status(workers, queues), time.monotonic()
+        return self._status
+
+    async def recent_status(self, model: str) -> Status:
+        """Admission reuses a status younger than STATUS_REUSE_S: three Redis round trips less per request.
+        A model missing from it is looked up fresh before it is refused."""
+        cached = self._status
+        if cached is not None and time.monotonic() - self._status_at < STATUS_REUSE_S and model in cached.model_names:
+            return cached
+        return await self.status()
 
     async def admit(self, model: str) -> None:
         """Refuse at once what no worker will take: unknown model (40301), full queue (42903)."""
         try:
-            status = await self.status()
+            status = await self.recent_status(model)
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
         if model not in status.model_names:

@@ -161,7 +161,7 @@ def worker_args(
     if model_path is None:
         args += ["--fake-engine", "--fake-token-delay-s", str(delay)]
     else:
-        args += ["--model-path", str(model_path), "--device", "cpu"]
+        args += ["--model-path", str(model_path)]
     return args + (extra or [])
 
 

@@ -143,11 +143,20 @@ def test_bad_image_is_typed(engine: InternVLEngine) -> None:
 
 
 def test_repeated_images_come_from_the_tile_cache(engine: InternVLEngine) -> None:
-    job = make_job("q", images=1, max_input_tiles=5)
+    first, second = png_b64(300, 200), png_b64(300, 200)
+
+    def job_with(images: list[str], tiles: int) -> Job:
+        return Job.model_validate(
+            {"model": "tiny", "max_input_tiles": tiles, "prompt": [{"role": "user", "content": "q", "image": images}]}
+        )
+
+    job = job_with([first], 5)
     engine.prepare(job)
-    hits = engine._tiles.hits
+    tile_hits, stack_hits = engine._tiles.hits, engine._stacks.hits
     engine.prepare(job)
-    assert engine._tiles.hits == hits + 1
+    assert engine._stacks.hits == stack_hits + 1  # the same images again: nothing decoded or tiled
+    engine.prepare(job_with([first, second], 10))  # budgets 5 and 5: the first image's tiles are cached
+    assert engine._tiles.hits == tile_hits + 1  # same image, other conversation: the image's tiles are reused
 
 
 def test_grounding_tokens_survive(engine: InternVLEngine) -> None:
@@ -179,3 +188,50 @@ def test_refuses_what_cannot_load(tmp_path: Path, tiny_model: Path) -> None:
             load(LoadOptions(tiny_model, load_8bit=True))
         with pytest.raises(CheckpointError, match="needs CUDA"):
             load(LoadOptions(tiny_model, device="auto"))
+
+
+@pytest.fixture(scope="module")
+def remote_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.remote_code import make_remote_checkpoint
+
+    return make_remote_checkpoint(tmp_path_factory.mktemp("remote") / "tiny-remote-internvl")
+
+
+def test_loads_remote_code_checkpoint_and_streams(remote_checkpoint: Path) -> None:
+    loaded = load(LoadOptions(remote_checkpoint))
+    assert (loaded.format, loaded.template.name, loaded.image_size, loaded.tokens_per_tile) == (
+        "remote",
+        "internvl2_5",
+        448,
+        256,
+    )
+    engine = InternVLEngine(loaded, "tiny-remote")
+    job = make_job("describe", images=1)
+    deltas, finish = run(engine, job)
+    prepared = engine.prepare(job)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            pixel_values=prepared.pixel_values,
+            input_ids=prepared.input_ids,
+            attention_mask=prepared.attention_mask,
+            max_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=job.repetition_penalty,
+            eos_token_id=sorted(engine._eos_ids),
+            pad_token_id=engine._pad_id(),
+        )
+    new_ids = out[0].tolist()  # remote code returns only the new tokens
+    skip = control_token_ids(loaded.tokenizer)
+    assert "".join(deltas) == loaded.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False)
+    assert finish.usage.completion_tokens == len(new_ids)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_device_map_names_match_the_loaded_modules(remote: bool, tiny_model: Path, remote_checkpoint: Path) -> None:
+    from broker_worker.device_map import split_model
+
+    loaded = load(LoadOptions(remote_checkpoint if remote else tiny_model))
+    modules = {name for name, _ in loaded.model.named_modules()}
+    layers = 3 if remote else 4  # the two tiny checkpoints
+    device_map = split_model(layers, 2, remote_code=remote)
+    assert set(device_map) <= modules, set(device_map) - modules

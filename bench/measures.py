@@ -1,0 +1,386 @@
+"""The individual measurements of ``make bench``; each returns its fields of results.json."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from PIL import Image
+
+from broker_worker import tiling
+from broker_worker.fake_engine import FakeEngine
+from broker_worker.messages import ChatMessage, Job
+from broker_worker.prompt import build_conversation
+from tests import seed_reference
+from tests.helpers import BIN, Proc, RedisServer, free_port, png_b64, spawn, wait_for, worker_args
+
+
+def tiny_model(workdir: Path) -> Path:
+    from broker_worker.tiny_model import make_tiny_model
+
+    return make_tiny_model(workdir / "tiny-internvl")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+@contextmanager
+def stack(
+    workdir: Path, workers: list[dict[str, Any]], gateway: bool = True
+) -> Iterator[tuple[RedisServer, str, list[Proc]]]:
+    """A redis-server, worker processes (``worker_args`` keywords each) and a gateway; all stopped afterwards."""
+    server = RedisServer(workdir).start()
+    procs: list[Proc] = []
+    try:
+        for kwargs in workers:
+            procs.append(spawn("worker", worker_args(server.url, **{"slots": 8, **kwargs}), workdir))
+        wait_for(lambda: len(server.client().zrange("ivl:workers", 0, -1)) >= len(workers), 120, "workers")
+        base = ""
+        if gateway:
+            port = free_port()
+            procs.append(
+                spawn(
+                    "gateway",
+                    [
+                        str(BIN / "broker-gateway"),
+                        "--redis-url",
+                        server.url,
+                        "--port",
+                        str(port),
+                        "--log-level",
+                        "warning",
+                        "--max-new-tokens",
+                        "16384",
+                    ],
+                    workdir,
+                )
+            )
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _up(base), 60, "gateway")
+        yield server, base, procs
+    finally:
+        for proc in procs:
+            proc.stop(10)
+        server.kill()
+
+
+def _up(base: str) -> bool:
+    try:
+        return bool(httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+
+
+# --- tiling ---------------------------------------------------------------------------------------------------
+
+
+def noise(width: int, height: int) -> Image.Image:
+    base = Image.effect_noise((width, height), 60).convert("L")
+    return Image.merge("RGB", [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), base.rotate(180)])
+
+
+def tiling_speed() -> dict[str, Any]:
+    torch.set_num_threads(1)
+    sizes = [(1920, 1080), (800, 600), (1024, 4000), (640, 480), (3000, 2000), (448, 448), (1280, 720)]
+    images = [noise(*s) for s in sizes]
+    seed_times, ours_times, max_diff = [], [], 0.0
+    for _ in range(5):
+        for image in images:
+            t0 = time.perf_counter()
+            expected = seed_reference.pixel_values(image, 12)
+            t1 = time.perf_counter()
+            actual = tiling.tile_image(image, max_num=12)
+            t2 = time.perf_counter()
+            seed_times.append(t1 - t0)
+            ours_times.append(t2 - t1)
+            max_diff = max(max_diff, float((expected - actual).abs().max()))
+    torch.set_num_threads(torch.get_num_threads())
+    return {
+        "tiling_speedup": round(sum(seed_times) / sum(ours_times), 3),
+        "tiling_max_abs_diff": max_diff,
+        "tiling_ms": {
+            "seed_median": round(statistics.median(seed_times) * 1000, 2),
+            "tile_image_median": round(statistics.median(ours_times) * 1000, 2),
+        },
+    }
+
+
+# --- repeated images --------------------------------------------------------------------------------------------
+
+
+def repeat_image(model_path: Path) -> dict[str, Any]:
+    """InternVL's app resends every image with every turn: preprocessing per request, with and without the cache."""
+    from broker_worker.images import LruCache
+    from broker_worker.internvl_engine import InternVLEngine, tensor_bytes
+    from broker_worker.loading import LoadOptions, load
+
+    engine = InternVLEngine(load(LoadOptions(model_path)), "tiny")
+    images = [png_b64(1280, 720, 1), png_b64(800, 600, 2)]
+    turns = [[ChatMessage(role="user", content="Compare these.", image=images)]]
+    for k in range(2, 6):
+        turns.append(
+            [
+                *turns[-1],
+                ChatMessage(role="assistant", content=f"answer {k}"),
+                ChatMessage(role="user", content=f"question {k}"),
+            ]
+        )
+    timings: dict[str, list[float]] = {"cache": [], "no_cache": []}
+    for mode in ("no_cache", "cache", "no_cache", "cache"):
+        size = 512 * 2**20 if mode == "cache" else 0
+        engine._tiles = LruCache(size, tensor_bytes)
+        engine._stacks = LruCache(size, lambda s: tensor_bytes(s[0]))
+        for prompt in turns:
+            conversation = build_conversation(prompt, 12)
+            t0 = time.perf_counter()
+            engine.pixel_values(conversation)
+            timings[mode].append(time.perf_counter() - t0)
+    resent = {m: [t for k, t in enumerate(v) if k % 5 != 0] for m, v in timings.items()}  # turns 2-5
+    return {
+        "repeat_image_speedup": round(statistics.mean(resent["no_cache"]) / statistics.mean(resent["cache"]), 1),
+        "repeat_image_5_turn_total_speedup": round(sum(timings["no_cache"]) / sum(timings["cache"]), 2),
+        "repeat_image_ms": {
+            "no_cache_per_request": round(statistics.mean(resent["no_cache"]) * 1000, 2),
+            "cache_per_request": round(statistics.mean(resent["cache"]) * 1000, 3),
+        },
+    }
+
+
+# --- time to first token ----------------------------------------------------------------------------------------
+
+
+def ttft(workdir: Path, model_path: Path, device: str, requests: int) -> dict[str, Any]:
+    from broker_worker.internvl_engine import InternVLEngine
+    from broker_worker.loading import LoadOptions, load
+
+    # Both sides get one torch thread: on 2 cores the worker shares the CPU with Redis, the gateway and this
+    # client, while the in-process engine would have it to itself.
+    torch.set_num_threads(1)
+    engine = InternVLEngine(load(LoadOptions(model_path, device=device)), "tiny")  # type: ignore[arg-type]
+    worker = {"model": "tiny", "model_path": model_path, "extra": ["--device", device, "--torch-threads", "1"]}
+    with stack(workdir, [worker]) as (_, base, _procs):
+        prompts = [f"Question number {k}: what do you see?" for k in range(requests)]
+        local, remote = [], []
+        with httpx.Client(timeout=60) as client:
+            for k, question in enumerate(prompts):
+                body = {
+                    "model": "tiny",
+                    "prompt": [{"role": "user", "content": question}],
+                    "temperature": 0,
+                    "max_new_tokens": 4,
+                }
+                first = _ttft_local(engine, body), _ttft_http(client, base, body)
+                if k >= 5:  # warm-up excluded
+                    local.append(first[0])
+                    remote.append(first[1])
+    diffs = [r - loc for r, loc in zip(remote, local, strict=True)]
+    return {
+        "ttft_overhead_ms": {
+            "p50": round((pct(remote, 50) - pct(local, 50)) * 1000, 3),
+            "p99": round((pct(remote, 99) - pct(local, 99)) * 1000, 3),
+            "paired_p50": round(pct(diffs, 50) * 1000, 3),
+            "paired_p99": round(pct(diffs, 99) * 1000, 3),
+        },
+        "ttft_ms": {
+            "in_process_p50": round(pct(local, 50) * 1000, 3),
+            "gateway_p50": round(pct(remote, 50) * 1000, 3),
+            "in_process_p99": round(pct(local, 99) * 1000, 3),
+            "gateway_p99": round(pct(remote, 99) * 1000, 3),
+            "pairs": len(diffs),
+        },
+    }
+
+
+def _ttft_local(engine: Any, body: dict[str, Any]) -> float:
+    job = Job.model_validate(body)
+    first: list[float] = []
+    t0 = time.perf_counter()
+    engine.generate(job, "", threading.Event(), lambda _text: first.append(time.perf_counter()) if not first else None)
+    return (first[0] if first else time.perf_counter()) - t0
+
+
+def _ttft_http(client: httpx.Client, base: str, body: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    first = 0.0
+    with client.stream("POST", base + "/worker_generate_stream", json=body) as response:
+        buffer = b""
+        for piece in response.iter_raw():
+            buffer += piece
+            while not first and b"\0" in buffer:
+                frame, buffer = buffer.split(b"\0", 1)
+                if json.loads(frame)["text"]:
+                    first = time.perf_counter()
+    return (first or time.perf_counter()) - t0
+
+
+# --- scaling --------------------------------------------------------------------------------------------------
+
+
+def scaling(workdir: Path) -> dict[str, Any]:
+    """Worker processes with a fake engine of fixed per-token latency: throughput of N over N x one."""
+    tokens, delay, slots = 40, 0.005, 2
+    rates: dict[str, float] = {}
+    for n in (1, 2, 4, 1):  # 1 again at the end: the baseline is the better of two runs
+        with stack(workdir, [{"delay": delay, "slots": slots}] * n, gateway=False) as (server, _, _procs):
+            r = server.client()
+            jobs = 8 * slots * n
+            t0 = time.perf_counter()
+            for k in range(jobs):
+                r.xadd(
+                    "ivl:jobs:fake",
+                    {
+                        "job": json.dumps(
+                            {
+                                "id": f"s{n}-{k}",
+                                "model": "fake",
+                                "max_new_tokens": tokens,
+                                "prompt": [{"role": "user", "content": "go"}],
+                            }
+                        )
+                    },
+                )
+            wait_for(
+                lambda r=r, n=n, jobs=jobs: all(
+                    r.hget(f"ivl:job:{{s{n}-{k}}}:state", "status") == "done" for k in range(jobs)
+                ),
+                120,
+                "scaling jobs",
+                step=0.01,
+            )
+            rate = jobs * tokens / (time.perf_counter() - t0)
+            rates[str(n)] = max(rates.get(str(n), 0.0), rate)
+    return {
+        "scaling_efficiency": {n: round(rates[n] / (int(n) * rates["1"]), 3) for n in ("1", "2", "4")},
+        "scaling_tokens_per_s": {n: round(v, 1) for n, v in rates.items()},
+    }
+
+
+# --- bytes written to Redis -----------------------------------------------------------------------------------
+
+
+def redis_bytes(workdir: Path) -> dict[str, Any]:
+    """Bytes clients send to Redis per byte of generated text, for a 2,000-token answer."""
+    out: dict[str, Any] = {}
+    for label, delay in (("max_speed", 0.0), ("200_tok_per_s", 0.005)):
+        with stack(workdir, [{"delay": delay, "extra": ["--heartbeat-s", "30"]}], gateway=False) as (server, _, _):
+            r = server.client()
+            before = int(r.info("stats")["total_net_input_bytes"])
+            r.xadd(
+                "ivl:jobs:fake",
+                {
+                    "job": json.dumps(
+                        {
+                            "id": "bytes",
+                            "model": "fake",
+                            "max_new_tokens": 2000,
+                            "prompt": [{"role": "user", "content": "go"}],
+                        }
+                    )
+                },
+            )
+            wait_for(lambda r=r: r.hget("ivl:job:{bytes}:state", "status") == "done", 120, "the 2,000-token job")
+            written = int(r.info("stats")["total_net_input_bytes"]) - before
+            text = "".join(json.loads(f["e"]).get("text", "") for _, f in r.xrange("ivl:job:{bytes}:events"))
+            events = r.xlen("ivl:job:{bytes}:events")
+            out[label] = {
+                "bytes_per_output_byte": round(written / len(text.encode()), 3),
+                "events": events,
+                "output_bytes": len(text.encode()),
+            }
+    tokens = FakeEngine().generate  # the seed re-sends the whole text with every token: sum of prefix lengths
+    del tokens
+    pieces = [f"t{i}:2 " for i in range(2000)]
+    cumulative = sum(len("".join(pieces[: i + 1])) for i in range(len(pieces)))
+    out["seed_cumulative_bytes_per_output_byte"] = round(cumulative / len("".join(pieces)), 1)
+    return {"redis_bytes_per_output_byte": out["200_tok_per_s"]["bytes_per_output_byte"], "redis_bytes": out}
+
+
+# --- relay throughput -----------------------------------------------------------------------------------------
+
+
+def relay(workdir: Path) -> dict[str, Any]:
+    """Engine chunks per second from a max-speed fake engine through Redis and the gateway to an HTTP client."""
+    tokens = 16_000  # the protocol's max_new_tokens limit is 16,384
+    with stack(workdir, [{"delay": 0.0}]) as (_, base, _procs):
+        body = {"model": "fake", "prompt": [{"role": "user", "content": "go"}], "max_new_tokens": tokens}
+        best, http_chunks = 0.0, 0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            with httpx.stream(
+                "POST",
+                base + "/v1/chat/completions",
+                timeout=120,
+                json={
+                    "model": "fake",
+                    "stream": True,
+                    "max_tokens": tokens,
+                    "messages": [{"role": "user", "content": "go"}],
+                },
+            ) as response:
+                text, count = [], 0
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                        if delta:
+                            text.append(delta)
+                            count += 1
+            elapsed = time.perf_counter() - t0
+            joined = "".join(text)
+            if joined.count(" ") != tokens:
+                raise AssertionError(f"relay lost or duplicated text: {joined.count(' ')} of {tokens} tokens")
+            if tokens / elapsed > best:
+                best, http_chunks = tokens / elapsed, count
+        del body
+    return {"relay_chunks_per_s": round(best), "relay_detail": {"engine_chunks": tokens, "http_events": http_chunks}}
+
+
+# --- batching (stretch) ---------------------------------------------------------------------------------------
+
+
+def batching(workdir: Path, model_path: Path, device: str) -> dict[str, Any]:
+    """Tokens/s of one worker with 8 concurrent jobs vs one at a time (tiny model; no batched decoding yet)."""
+    worker = {"model": "tiny", "model_path": model_path, "extra": ["--device", device]}
+    with stack(workdir, [worker], gateway=False) as (server, _, _procs):
+        r = server.client()
+
+        def run(n: int, tag: str) -> float:
+            t0 = time.perf_counter()
+            for k in range(n):
+                r.xadd(
+                    "ivl:jobs:tiny",
+                    {
+                        "job": json.dumps(
+                            {
+                                "id": f"{tag}{k}",
+                                "model": "tiny",
+                                "max_new_tokens": 64,
+                                "temperature": 0,
+                                "prompt": [{"role": "user", "content": f"q{k}"}],
+                            }
+                        )
+                    },
+                )
+            wait_for(
+                lambda: all(r.hget(f"ivl:job:{{{tag}{k}}}:state", "status") == "done" for k in range(n)),
+                300,
+                "batching jobs",
+                step=0.01,
+            )
+            return n * 64 / (time.perf_counter() - t0)
+
+        serial = sum(run(1, f"one{k}-") for k in range(4)) / 4
+        concurrent = run(8, "eight-")
+    return {
+        "batching_speedup_8": round(concurrent / serial, 2),
+        "batching_tokens_per_s": {"one_at_a_time": round(serial, 1), "eight_concurrent": round(concurrent, 1)},
+    }
