@@ -69,10 +69,9 @@ class JobStore:
     async def publish(self, job_id: str, token: str, event: Event) -> int:
         """The event's seq, or FENCED / CANCELLED. The seq in ``event`` is ignored: Redis assigns it."""
         k = JobKeys.of(job_id)
-        body = event.model_dump_json(exclude={"seq"})
+        body = event.model_dump_json(exclude={"seq"})  # '{"type":"…",…}': the script puts the seq first
         result = await self._publish(
-            keys=[k.state, k.events, k.cancel],
-            args=[token, k.channel, event.type, body[1:], c.REPLAY_MAXLEN, self.job_ttl_s],
+            keys=[k.state, k.events, k.cancel], args=[token, body[1:], c.REPLAY_MAXLEN, self.job_ttl_s]
         )
         return int(result)
 

@@ -9,7 +9,7 @@ of the answer only when it has text, and an empty answer no longer corrupts the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from broker_worker.errors import invalid
 from broker_worker.messages import ChatMessage
@@ -63,38 +63,20 @@ class Template:
 
 
 _CHATML_SYSTEM = "<|im_start|>system\n{system}"
-TEMPLATES = {
-    t.name: t
-    for t in (
-        Template(
-            "internvl2_5",
-            _CHATML_SYSTEM,
-            "<|im_start|>user\n",
-            "<|im_start|>assistant\n",
-            "<|im_end|>\n",
-            INTERNVL_DEFAULT_SYSTEM,
-        ),
-        Template(
-            "internlm2-chat",
-            _CHATML_SYSTEM,
-            "<|im_start|>user\n",
-            "<|im_start|>assistant\n",
-            "<|im_end|>",
-            INTERNVL2_DEFAULT_SYSTEM,
-        ),
-        Template(
-            "Hermes-2",
-            _CHATML_SYSTEM,
-            "<|im_start|>user\n",
-            "<|im_start|>assistant\n",
-            "<|im_end|>",
-            INTERNVL2_DEFAULT_SYSTEM,
-        ),
-        Template(
-            "phi3-chat", "<|system|>\n{system}", "<|user|>\n", "<|assistant|>\n", "<|end|>", INTERNVL2_DEFAULT_SYSTEM
-        ),
-    )
-}
+_INTERNVL2_5 = Template(
+    "internvl2_5",
+    _CHATML_SYSTEM,
+    "<|im_start|>user\n",
+    "<|im_start|>assistant\n",
+    "<|im_end|>\n",
+    INTERNVL_DEFAULT_SYSTEM,
+)
+# InternVL 1.5 / 2.0: the same ChatML roles without the newline after each turn; Hermes-2 renders identically.
+_INTERNLM2 = replace(_INTERNVL2_5, name="internlm2-chat", sep="<|im_end|>", default_system=INTERNVL2_DEFAULT_SYSTEM)
+_PHI3 = Template(
+    "phi3-chat", "<|system|>\n{system}", "<|user|>\n", "<|assistant|>\n", "<|end|>", INTERNVL2_DEFAULT_SYSTEM
+)
+TEMPLATES = {t.name: t for t in (_INTERNVL2_5, _INTERNLM2, replace(_INTERNLM2, name="Hermes-2"), _PHI3)}
 #: The chat template of the native ``-hf`` checkpoints is ChatML with no default system message.
 CHATML = TEMPLATES["internvl2_5"]
 

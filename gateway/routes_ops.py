@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -14,7 +13,8 @@ from broker_worker import jobs
 from broker_worker.errors import ErrorCode, JobError
 from broker_worker.messages import JOB_ID_PATTERN
 from gateway.deps import get_service
-from gateway.errors import seed_chunk, seed_error
+from gateway.errors import seed_error
+from gateway.seed_stream import seed_chunks
 from gateway.service import GatewayService
 
 router = APIRouter(tags=["operations"])
@@ -57,26 +57,7 @@ async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Q
         return seed_error(
             JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"), status_code=404
         )
-    return StreamingResponse(_resume(service, job_id, after), media_type="application/octet-stream")
-
-
-async def _resume(service: GatewayService, job_id: str, after: int) -> AsyncIterator[bytes]:
-    text = ""
-    try:
-        async for event in service.resume(job_id, after):
-            if event.type == "delta":
-                text += event.text
-                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq)
-            elif event.type == "done":
-                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason=event.finish_reason)
-            elif event.type == "failed":
-                yield seed_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
-            elif event.type == "cancelled":
-                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason="cancelled")
-    except JobError as exc:
-        yield seed_chunk(exc.message, exc.code, job_id=job_id)
-    except (RedisError, OSError) as exc:
-        yield seed_chunk(f"Redis unavailable: {exc}", 50001, job_id=job_id)
+    return StreamingResponse(seed_chunks(service.resume(job_id, after), job_id), media_type="application/octet-stream")
 
 
 @router.post("/jobs/{job_id}/cancel")

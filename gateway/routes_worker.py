@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends
@@ -11,7 +10,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from broker_worker.errors import JobError
 from broker_worker.messages import Job
 from gateway.deps import get_service
-from gateway.errors import seed_chunk, seed_error
+from gateway.errors import seed_error
+from gateway.seed_stream import seed_chunks
 from gateway.service import GatewayService
 from gateway.validation import SeedRequest, build_job
 
@@ -51,33 +51,8 @@ async def worker_generate_stream(body: SeedBody, service: Service) -> Response:
         return seed_error(exc)
     service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
     return StreamingResponse(
-        seed_stream(service, job), media_type="application/octet-stream", headers={"X-Job-Id": job.id}
+        seed_chunks(service.run(job), job.id), media_type="application/octet-stream", headers={"X-Job-Id": job.id}
     )
-
-
-async def seed_stream(service: GatewayService, job: Job) -> AsyncIterator[bytes]:
-    """Cumulative-text chunks; the last one carries usage/finish_reason or a non-zero error_code."""
-    text = ""
-    try:
-        async for event in service.run(job):
-            if event.type == "delta":
-                text += event.text
-                yield seed_chunk(text, 0, job_id=job.id, seq=event.seq)
-            elif event.type == "done":
-                yield seed_chunk(
-                    text,
-                    0,
-                    job_id=job.id,
-                    seq=event.seq,
-                    finish_reason=event.finish_reason,
-                    usage=event.usage.model_dump() | {"total_tokens": event.usage.total_tokens},
-                )
-            elif event.type == "failed":
-                yield seed_chunk(event.message, event.error_code, job_id=job.id, seq=event.seq)
-            elif event.type == "cancelled":
-                yield seed_chunk(text, 0, job_id=job.id, seq=event.seq, finish_reason="cancelled")
-    except JobError as exc:
-        yield seed_chunk(exc.message, exc.code, job_id=job.id)
 
 
 @router.post("/worker_generate")

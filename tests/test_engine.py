@@ -39,6 +39,31 @@ def run(engine: InternVLEngine, job: Job, cancel: threading.Event | None = None)
     return deltas, finish
 
 
+def non_streamed(engine: InternVLEngine, job: Job) -> tuple[list[int], str, int]:
+    """Plain ``model.generate`` on the engine's own prompt: new token ids, their text, and the prompt length."""
+    prepared = engine.prepare(job)
+    with torch.inference_mode():
+        out = engine._m.model.generate(
+            input_ids=prepared.input_ids,
+            attention_mask=prepared.attention_mask,
+            pixel_values=prepared.pixel_values,
+            max_new_tokens=job.max_new_tokens,
+            do_sample=False,
+            repetition_penalty=job.repetition_penalty,
+            eos_token_id=sorted(engine._eos_ids),
+            pad_token_id=engine._pad_id(),
+        )
+    prompt_len = int(prepared.input_ids.shape[1])
+    # native models return prompt + answer; remote-code ones (inputs_embeds) only the answer
+    new_ids = out[0, prompt_len:].tolist() if engine._m.format == "native" else out[0].tolist()
+    skip = control_token_ids(engine._m.tokenizer)
+    return (
+        new_ids,
+        engine._m.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False),
+        prompt_len,
+    )
+
+
 def test_loads_native_checkpoint(engine: InternVLEngine) -> None:
     m = engine._m
     assert (m.format, m.image_size, m.tokens_per_tile, m.context_len, m.use_thumbnail) == (
@@ -54,24 +79,10 @@ def test_loads_native_checkpoint(engine: InternVLEngine) -> None:
 def test_greedy_stream_equals_non_streamed_output(engine: InternVLEngine) -> None:
     job = make_job("describe", images=1)
     deltas, finish = run(engine, job)
-    prepared = engine.prepare(job)
-    with torch.inference_mode():
-        out = engine._m.model.generate(
-            input_ids=prepared.input_ids,
-            attention_mask=prepared.attention_mask,
-            pixel_values=prepared.pixel_values,
-            max_new_tokens=24,
-            do_sample=False,
-            repetition_penalty=job.repetition_penalty,
-            eos_token_id=sorted(engine._eos_ids),
-            pad_token_id=engine._pad_id(),
-        )
-    new_ids = out[0, prepared.input_ids.shape[1] :].tolist()
-    skip = control_token_ids(engine._m.tokenizer)
-    expected = engine._m.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False)
+    new_ids, expected, prompt_len = non_streamed(engine, job)
     assert "".join(deltas) == expected
     assert finish.usage.completion_tokens == len(new_ids)  # type: ignore[attr-defined]
-    assert finish.usage.prompt_tokens == prepared.input_ids.shape[1]  # type: ignore[attr-defined]
+    assert finish.usage.prompt_tokens == prompt_len  # type: ignore[attr-defined]
 
 
 def test_image_tokens_expanded_per_tile(engine: InternVLEngine) -> None:
@@ -208,21 +219,8 @@ def test_loads_remote_code_checkpoint_and_streams(remote_checkpoint: Path) -> No
     engine = InternVLEngine(loaded, "tiny-remote")
     job = make_job("describe", images=1)
     deltas, finish = run(engine, job)
-    prepared = engine.prepare(job)
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            pixel_values=prepared.pixel_values,
-            input_ids=prepared.input_ids,
-            attention_mask=prepared.attention_mask,
-            max_new_tokens=24,
-            do_sample=False,
-            repetition_penalty=job.repetition_penalty,
-            eos_token_id=sorted(engine._eos_ids),
-            pad_token_id=engine._pad_id(),
-        )
-    new_ids = out[0].tolist()  # remote code returns only the new tokens
-    skip = control_token_ids(loaded.tokenizer)
-    assert "".join(deltas) == loaded.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False)
+    new_ids, expected, _ = non_streamed(engine, job)
+    assert "".join(deltas) == expected
     assert finish.usage.completion_tokens == len(new_ids)  # type: ignore[attr-defined]
 
 

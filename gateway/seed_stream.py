@@ -1,0 +1,36 @@
+"""Events to the seed's wire format: cumulative ``text`` chunks, each followed by a NUL byte."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from redis.exceptions import RedisError
+
+from broker_worker.errors import ErrorCode, JobError
+from broker_worker.messages import Event
+from gateway.errors import seed_chunk
+
+
+async def seed_chunks(events: AsyncIterator[Event], job_id: str) -> AsyncIterator[bytes]:
+    """The last chunk carries ``finish_reason`` and ``usage``, or a non-zero ``error_code`` with the cause.
+
+    Every chunk also carries ``job_id`` and ``seq``, so a client that loses the connection can resume with
+    ``GET /jobs/{job_id}/stream?after={seq}``.
+    """
+    text = ""
+    try:
+        async for event in events:
+            if event.type == "delta":
+                text += event.text
+                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq)
+            elif event.type == "done":
+                usage = event.usage.model_dump() | {"total_tokens": event.usage.total_tokens}
+                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason=event.finish_reason, usage=usage)
+            elif event.type == "failed":
+                yield seed_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
+            elif event.type == "cancelled":
+                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason="cancelled")
+    except JobError as exc:
+        yield seed_chunk(exc.message, exc.code, job_id=job_id)
+    except (RedisError, OSError) as exc:
+        yield seed_chunk(f"Redis unavailable: {exc}", ErrorCode.INTERNAL_ERROR, job_id=job_id)
