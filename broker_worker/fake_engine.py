@@ -26,7 +26,7 @@ def fake_tokens(job: Job) -> list[str]:
 class FakeEngine:
     def __init__(self, model_name: str = "fake", token_delay_s: float = 0.0) -> None:
         self.model_name = model_name
-        self.device = "cpu"
+        self.device = "fake"  # sleeps rather than computes: it models a GPU, so jobs run in parallel
         self.context_len = 8192
         self.token_delay_s = token_delay_s
 

@@ -14,11 +14,9 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,13 +25,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from broker_worker import constants as c
 from broker_worker import health
-from broker_worker.engine import Engine, Finish
+from broker_worker.engine import Engine
 from broker_worker.errors import ErrorCode, JobError
-from broker_worker.jobs import CANCELLED, FENCED, JobStore, entry_job_id, replay, replay_text
+from broker_worker.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
 from broker_worker.messages import (
     Cancelled,
     DeadLetter,
-    Delta,
     Done,
     Event,
     Failed,
@@ -42,6 +39,7 @@ from broker_worker.messages import (
     WorkerHealth,
     now_ms,
 )
+from broker_worker.relay import Handback, Relay, Running, Throughput
 from broker_worker.settings import WorkerSettings
 
 log = logging.getLogger("broker_worker.worker")
@@ -51,24 +49,6 @@ StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 class BadEntry(Exception):
     """A stream entry that can never run: it goes to the dead-letter stream with this reason."""
-
-
-class Handback(Exception):
-    """The worker is shutting down and gave the job back; it was not finished here."""
-
-
-@dataclass
-class Running:
-    job: Job
-    entry_id: str
-    token: str
-    cancel: threading.Event = field(default_factory=threading.Event)
-    #: Why generation stopped early: "cancelled", "fenced" or "handback".
-    stop_reason: str | None = None
-
-    def stop(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
-        self.cancel.set()
 
 
 def parse_entry(fields: dict[str, Any]) -> Job:
@@ -98,10 +78,12 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="generate")
+        # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).
+        parallel = settings.parallel_generations or (1 if engine.device == "cpu" else self.slots)
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="generate")
         self._started_ms = now_ms()
         self._jobs_done = 0
-        self._tokens = _Throughput()
+        self._tokens = Throughput()
 
     @property
     def free_slots(self) -> int:
@@ -301,7 +283,8 @@ class Worker:
             len(prefix),
             ", reclaimed" if reclaimed else "",
         )
-        relay = _Relay(self, run)
+        interval_s = self.settings.stream_interval_ms / 1000
+        relay = Relay(self.store, self.engine, self._executor, run, interval_s, self._tokens)
         try:
             finish = await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
         except Handback:
@@ -376,104 +359,3 @@ class Worker:
 
 def event_text(event: Event) -> str:
     return event.message if isinstance(event, Failed) else event.type
-
-
-class _Throughput:
-    """Tokens per second over the last minute, for the health key."""
-
-    def __init__(self) -> None:
-        self._stamps: list[tuple[float, int]] = []
-
-    def add(self, tokens: int) -> None:
-        now = time.monotonic()
-        self._stamps.append((now, tokens))
-        while self._stamps and self._stamps[0][0] < now - 60:
-            self._stamps.pop(0)
-
-    def rate(self) -> float:
-        if len(self._stamps) < 2:
-            return 0.0
-        span = self._stamps[-1][0] - self._stamps[0][0]
-        return sum(n for _, n in self._stamps) / span if span > 0 else 0.0
-
-
-class _Relay:
-    """Runs the engine in a thread and publishes its deltas, coalescing those produced within the interval.
-
-    One publish is in flight at a time; whatever arrives meanwhile goes out in the next event. Publishing checks
-    ownership and the cancel flag, so cancel and take-over stop generation within one token.
-    """
-
-    def __init__(self, worker: Worker, run: Running) -> None:
-        self._worker = worker
-        self._run = run
-        self._loop = asyncio.get_running_loop()
-        self._buffer: list[str] = []
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._interval_s = worker.settings.stream_interval_ms / 1000
-
-    def _feed(self, text: str) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._add, text)
-
-    def _add(self, text: str) -> None:
-        self._buffer.append(text)
-        self._wake.set()
-
-    async def generate(self, prefix: str, started: Started) -> Finish:
-        """``started`` goes out first, while the engine already prepares the prompt (one round trip less)."""
-        pump = asyncio.create_task(self._pump(started))
-        try:
-            finish = await self._loop.run_in_executor(
-                self._worker._executor,
-                self._worker.engine.generate,
-                self._run.job,
-                prefix,
-                self._run.cancel,
-                self._feed,
-            )
-        finally:
-            await asyncio.sleep(0)  # let call_soon_threadsafe callbacks land
-            self._closed = True
-            self._wake.set()
-            await pump
-        if self._run.stop_reason == "handback":
-            raise Handback
-        return finish
-
-    async def _pump(self, started: Started) -> None:
-        if await self._publish_with_retry(started) == FENCED:
-            self._run.stop("fenced")
-        last = 0.0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._buffer and not self._closed and self._interval_s:
-                await asyncio.sleep(max(0.0, last + self._interval_s - time.monotonic()))
-            if self._buffer:
-                last = time.monotonic()
-                await self._publish_buffer()
-            if self._closed and not self._buffer:
-                return
-
-    async def _publish_buffer(self) -> None:
-        text, count = "".join(self._buffer), len(self._buffer)
-        self._buffer.clear()
-        if self._run.stop_reason in ("cancelled", "fenced"):
-            return
-        seq = await self._publish_with_retry(Delta(text=text))
-        self._worker._tokens.add(count)
-        if seq == FENCED:
-            self._run.stop("fenced")
-        elif seq == CANCELLED:
-            self._run.stop("cancelled")
-
-    async def _publish_with_retry(self, event: Event) -> int:
-        for attempt in range(20):
-            try:
-                return await self._worker.store.publish(self._run.job.id, self._run.token, event)
-            except (RedisError, OSError) as exc:
-                log.warning("job %s: publish failed (%s), retry %d", self._run.job.id, exc, attempt + 1)
-                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
-        self._run.stop("fenced")  # Redis is gone for good: stop; a live worker re-runs the job from the replay
-        return FENCED

@@ -1,0 +1,138 @@
+"""One running job's generation: the engine in a thread, its deltas coalesced and published under the job's
+fencing token. Publishing is also where cancel and take-over are noticed, so both stop generation within one
+token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from broker_worker.engine import Engine, Finish
+from broker_worker.jobs import CANCELLED, FENCED, JobStore
+from broker_worker.messages import Delta, Event, Job, Started
+
+log = logging.getLogger("broker_worker.worker")
+
+
+class Handback(Exception):
+    """The worker is shutting down and gave the job back; it was not finished here."""
+
+
+@dataclass
+class Running:
+    job: Job
+    entry_id: str
+    token: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    #: Why generation stopped early: "cancelled", "fenced" or "handback".
+    stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.cancel.set()
+
+
+class Throughput:
+    """Tokens per second over the last minute, for the health key."""
+
+    def __init__(self) -> None:
+        self._stamps: list[tuple[float, int]] = []
+
+    def add(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._stamps.append((now, tokens))
+        while self._stamps and self._stamps[0][0] < now - 60:
+            self._stamps.pop(0)
+
+    def rate(self) -> float:
+        if len(self._stamps) < 2:
+            return 0.0
+        span = self._stamps[-1][0] - self._stamps[0][0]
+        return sum(n for _, n in self._stamps) / span if span > 0 else 0.0
+
+
+@dataclass
+class Relay:
+    """Runs ``engine.generate`` on ``executor`` and publishes what it produces.
+
+    One publish is in flight at a time; text produced meanwhile, or within ``interval_s`` of the last event,
+    goes out in the next event.
+    """
+
+    store: JobStore
+    engine: Engine
+    executor: Executor
+    run: Running
+    interval_s: float
+    throughput: Throughput
+    _buffer: list[str] = field(default_factory=list)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _closed: bool = False
+
+    async def generate(self, prefix: str, started: Started) -> Finish:
+        """``started`` goes out first, while the engine already prepares the prompt (one round trip less)."""
+        loop = asyncio.get_running_loop()
+
+        def feed(text: str) -> None:  # called on the engine's thread
+            loop.call_soon_threadsafe(self._add, text)
+
+        pump = asyncio.create_task(self._pump(started))
+        try:
+            finish = await loop.run_in_executor(
+                self.executor, self.engine.generate, self.run.job, prefix, self.run.cancel, feed
+            )
+        finally:
+            await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks land
+            self._closed = True
+            self._wake.set()
+            await pump
+        if self.run.stop_reason == "handback":
+            raise Handback
+        return finish
+
+    def _add(self, text: str) -> None:
+        self._buffer.append(text)
+        self._wake.set()
+
+    async def _pump(self, started: Started) -> None:
+        if await self._publish_with_retry(started) == FENCED:
+            self.run.stop("fenced")
+        last = 0.0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._buffer and not self._closed and self.interval_s:
+                await asyncio.sleep(max(0.0, last + self.interval_s - time.monotonic()))
+            if self._buffer:
+                last = time.monotonic()
+                await self._publish_buffer()
+            if self._closed and not self._buffer:
+                return
+
+    async def _publish_buffer(self) -> None:
+        text, count = "".join(self._buffer), len(self._buffer)
+        self._buffer.clear()
+        if self.run.stop_reason in ("cancelled", "fenced"):
+            return
+        seq = await self._publish_with_retry(Delta(text=text))
+        self.throughput.add(count)
+        if seq == FENCED:
+            self.run.stop("fenced")
+        elif seq == CANCELLED:
+            self.run.stop("cancelled")
+
+    async def _publish_with_retry(self, event: Event) -> int:
+        for attempt in range(20):
+            try:
+                return await self.store.publish(self.run.job.id, self.run.token, event)
+            except (RedisError, OSError) as exc:
+                log.warning("job %s: publish failed (%s), retry %d", self.run.job.id, exc, attempt + 1)
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        self.run.stop("fenced")  # Redis is gone for good: stop; a live worker re-runs the job from the replay
+        return FENCED
