@@ -287,5 +287,14 @@ class Client:
     def cancel(self, job_id: str) -> None:
         self.redis.set(c.job_cancel_key(job_id), "1", ex=c.JOB_TTL_S)
 
+    def workers(self) -> list[WorkerHealth]:
+        """Live workers (fresh health keys), for every model."""
+        ids = self.redis.zrangebyscore(c.WORKERS_INDEX, int(time.time() * 1000), "+inf")
+        values = self.redis.mget([c.worker_health_key(str(i)) for i in ids]) if ids else []
+        return [WorkerHealth.model_validate_json(v) for v in values if v]
+
+    def queue_length(self, model: str) -> int:
+        return int(self.redis.xlen(c.job_stream(model)))
+
     def close(self) -> None:
         self.redis.close()

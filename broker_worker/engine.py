@@ -33,3 +33,7 @@ class Engine(Protocol):
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         """Run one job. ``answer_prefix`` is text already published by an earlier worker: continue after it."""
         ...
+
+    def count_tokens(self, job: Job) -> int:
+        """Prompt tokens of the job as the model would see it, images expanded; raises ``JobError`` like generate."""
+        ...

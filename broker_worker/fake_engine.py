@@ -30,6 +30,9 @@ class FakeEngine:
         self.context_len = 8192
         self.token_delay_s = token_delay_s
 
+    def count_tokens(self, job: Job) -> int:
+        return len(question_of(job))
+
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         question = question_of(job)
         if question.startswith("fail:"):

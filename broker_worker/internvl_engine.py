@@ -102,6 +102,9 @@ class InternVLEngine:
         )
         return Finish(reason, usage)
 
+    def count_tokens(self, job: Job) -> int:
+        return int(self.prepare(job).input_ids.shape[1])
+
     def prepare(self, job: Job, answer_prefix: str = "") -> Prepared:
         conversation = build_conversation(job.prompt, job.max_input_tiles)
         pixel_values, tiles_per_image = self.pixel_values(conversation)

@@ -69,6 +69,8 @@ class Job(SamplingParams):
     #: Unix ms after which a job that has not started is dropped (failed with 50006) instead of run.
     deadline_ms: int | None = None
     created_ms: int = Field(default_factory=now_ms)
+    #: Only count the prompt's tokens (images included): the job ends with ``done`` and usage, nothing generated.
+    count_only: bool = False
 
     @field_validator("prompt")
     @classmethod

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from broker_worker import constants as c
 from broker_worker import health
-from broker_worker.engine import Engine
+from broker_worker.engine import Engine, Finish
 from broker_worker.errors import ErrorCode, JobError
 from broker_worker.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
 from broker_worker.messages import (
@@ -36,6 +36,7 @@ from broker_worker.messages import (
     Failed,
     Job,
     Started,
+    Usage,
     WorkerHealth,
     now_ms,
 )
@@ -233,6 +234,7 @@ class Worker:
         except BadEntry as exc:
             await self._reject_entry(entry_id, fields, str(exc))
             return
+        log.info("job %s received (entry %s%s)", job.id, entry_id, ", reclaimed" if reclaimed else "")
         token = uuid.uuid4().hex[:12]
         decision = await self.store.start(job.id, entry_id, token, self.worker_id, now_ms())
         if not decision.run:
@@ -286,7 +288,10 @@ class Worker:
         interval_s = self.settings.stream_interval_ms / 1000
         relay = Relay(self.store, self.engine, self._executor, run, interval_s, self._tokens)
         try:
-            finish = await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
+            if job.count_only:
+                finish = await self._count(job)
+            else:
+                finish = await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
         except Handback:
             await self._hand_back(run)
             return
@@ -309,6 +314,10 @@ class Worker:
         else:
             done = Done(finish_reason=finish.finish_reason, usage=finish.usage)
             await self._finish(run, done, started, f"done ({finish.usage.completion_tokens} tokens)")
+
+    async def _count(self, job: Job) -> Finish:
+        count = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.count_tokens, job)
+        return Finish("stop", Usage(prompt_tokens=count, completion_tokens=0))
 
     async def _finish(self, run: Running, event: Event, started: float, what: str) -> None:
         if await self.store.publish(run.job.id, run.token, event) == FENCED:

@@ -7,13 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from broker_worker.errors import JobError
-from broker_worker.messages import Job
+from broker_worker.errors import ErrorCode, JobError
+from broker_worker.messages import ChatMessage, Job, SamplingParams
 from gateway.deps import get_service
 from gateway.errors import seed_error
 from gateway.seed_stream import seed_chunks
 from gateway.service import GatewayService
-from gateway.validation import SeedRequest, build_job
+from gateway.validation import CountRequest, SeedRequest, build_job
 
 router = APIRouter(tags=["worker protocol"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -90,11 +90,23 @@ async def worker_get_status(service: Service) -> dict[str, object]:
 
 
 @router.post("/count_token")
-async def count_token(body: JsonBody) -> dict[str, object]:
-    """The gateway has no tokenizer (no torch); this is an estimate (UTF-8 bytes / 4), marked as such."""
-    prompt = body.get("prompt", "")
-    text = prompt if isinstance(prompt, str) else str(prompt)
-    return {"count": max(1, len(text.encode()) // 4), "error_code": 0, "approximate": True}
+async def count_token(body: Annotated[CountRequest, Body()], service: Service) -> Response:
+    """Prompt tokens as the model sees them (template, images expanded), counted by a worker of the model."""
+    try:
+        prompt = body.prompt if isinstance(body.prompt, list) else [ChatMessage(role="user", content=body.prompt)]
+        job = build_job(body.model, prompt, SamplingParams(max_new_tokens=1), service.settings).model_copy(
+            update={"count_only": True}
+        )
+        await service.admit(job.model)
+        usage = None
+        async for event in service.run(job):
+            if event.type == "done":
+                usage = event.usage
+            elif event.type == "failed":
+                raise JobError(ErrorCode(event.error_code), event.message)
+    except JobError as exc:
+        return seed_error(exc)
+    return JSONResponse({"count": usage.prompt_tokens if usage else 0, "error_code": 0})
 
 
 @router.post("/model_details")

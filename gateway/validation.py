@@ -27,6 +27,15 @@ class SeedRequest(SamplingParams):
     job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent)")
 
 
+class CountRequest(BaseModel):
+    """Body of ``/count_token``: FastChat sends a plain string; a seed prompt list is accepted too."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str | list[ChatMessage] = Field(max_length=200_000)
+
+
 class OpenAIImageUrl(BaseModel):
     url: str
 

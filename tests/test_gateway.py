@@ -342,3 +342,22 @@ def test_schemathesis_finds_no_server_error(start_worker, start_gateway, tmp_pat
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_count_token_is_counted_by_the_model(tiny_stack: str, tiny_model: Path) -> None:
+    from broker_worker.internvl_engine import InternVLEngine
+    from broker_worker.loading import LoadOptions, load
+    from broker_worker.messages import Job
+
+    engine = InternVLEngine(load(LoadOptions(tiny_model)), "tiny-internvl")
+    image = png_b64(800, 600)
+    prompt = [{"role": "user", "content": "How many tokens?", "image": [image]}]
+    body = httpx.post(tiny_stack + "/count_token", json={"model": "tiny-internvl", "prompt": prompt}, timeout=60)
+    expected = engine.count_tokens(Job.model_validate({"model": "tiny-internvl", "prompt": prompt}))
+    assert body.json() == {"count": expected, "error_code": 0}
+    assert expected > 13 * 256  # 4x3 tiles + thumbnail, 256 tokens each
+    text_only = httpx.post(tiny_stack + "/count_token", json={"model": "tiny-internvl", "prompt": "hello"}).json()
+    hello = Job.model_validate({"model": "tiny-internvl", "prompt": [{"role": "user", "content": "hello"}]})
+    assert text_only["count"] == engine.count_tokens(hello)  # a plain string is one user message
+    unknown = httpx.post(tiny_stack + "/count_token", json={"model": "nope", "prompt": "hello"})
+    assert unknown.status_code == 404 and json.loads(unknown.content.rstrip(b"\0"))["error_code"] == 40301

@@ -258,3 +258,19 @@ def test_check_command(redis_server: RedisServer, r: redis.Redis, start_worker) 
     assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 1
     start_worker()
     assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+
+
+def test_blocking_client(redis_server: RedisServer, start_worker) -> None:  # type: ignore[no-untyped-def]
+    from broker_worker.client import Client
+
+    start_worker(delay=0.001)
+    client = Client(redis_server.url)
+    try:
+        sync_job = Job.model_validate(job("sync-1", question="sync", tokens=7))
+        events_seen = list(client.generate(sync_job, timeout_s=30))
+        assert [e.type for e in events_seen][-1] == "done"
+        assert "".join(e.text for e in events_seen if e.type == "delta") == expected_text("sync", 7)
+        assert [w.model for w in client.workers()] == ["fake"]
+        assert client.queue_length("fake") == 0
+    finally:
+        client.close()
