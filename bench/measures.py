@@ -180,37 +180,70 @@ def ttft(workdir: Path, model_path: Path, device: str, requests: int) -> dict[st
     torch.set_num_threads(1)
     engine = InternVLEngine(load(LoadOptions(model_path, device=device)), "tiny")  # type: ignore[arg-type]
     worker = {"model": "tiny", "model_path": model_path, "extra": ["--device", device, "--torch-threads", "1"]}
-    with stack(workdir, [worker]) as (_, base, _procs):
-        prompts = [f"Question number {k}: what do you see?" for k in range(requests)]
-        local, remote = [], []
+    with stack(workdir, [worker]) as (server, base, _procs):
+        local, remote, direct = [], [], []
+        r = server.client()
         with httpx.Client(timeout=60) as client:
-            for k, question in enumerate(prompts):
+            for k in range(requests):
                 body = {
                     "model": "tiny",
-                    "prompt": [{"role": "user", "content": question}],
+                    "prompt": [{"role": "user", "content": f"Question number {k}: what is it?"}],
                     "temperature": 0,
                     "max_new_tokens": 4,
                 }
-                first = _ttft_local(engine, body), _ttft_http(client, base, body)
+                first = (
+                    _ttft_local(engine, body),
+                    _ttft_http(client, base, body),
+                    _ttft_redis(r, body | {"id": f"direct-{k}"}),
+                )
                 if k >= 5:  # warm-up excluded
                     local.append(first[0])
                     remote.append(first[1])
+                    direct.append(first[2])
     diffs = [r - loc for r, loc in zip(remote, local, strict=True)]
+
+    def ms(values: list[float], q: float, minus: list[float] | None = None) -> float:
+        return round((pct(values, q) - (pct(minus, q) if minus else 0.0)) * 1000, 3)
+
     return {
         "ttft_overhead_ms": {
-            "p50": round((pct(remote, 50) - pct(local, 50)) * 1000, 3),
-            "p99": round((pct(remote, 99) - pct(local, 99)) * 1000, 3),
-            "paired_p50": round(pct(diffs, 50) * 1000, 3),
-            "paired_p99": round(pct(diffs, 99) * 1000, 3),
+            "p50": ms(remote, 50, local),
+            "p99": ms(remote, 99, local),
+            "paired_p50": ms(diffs, 50),
+            "paired_p99": ms(diffs, 99),
+            "redis_and_worker_only_p50": ms(direct, 50, local),
         },
         "ttft_ms": {
-            "in_process_p50": round(pct(local, 50) * 1000, 3),
-            "gateway_p50": round(pct(remote, 50) * 1000, 3),
-            "in_process_p99": round(pct(local, 99) * 1000, 3),
-            "gateway_p99": round(pct(remote, 99) * 1000, 3),
+            "in_process_p50": ms(local, 50),
+            "in_process_p99": ms(local, 99),
+            "gateway_p50": ms(remote, 50),
+            "gateway_p99": ms(remote, 99),
+            "redis_client_p50": ms(direct, 50),
             "pairs": len(diffs),
         },
     }
+
+
+def _ttft_redis(r: redis.Redis, job: dict[str, Any]) -> float:
+    """The same job through Redis alone: subscribe, XADD, first delta on the channel."""
+    pubsub = r.pubsub()
+    pubsub.subscribe(f"ivl:job:{{{job['id']}}}:chan")
+    pubsub.get_message(timeout=1)
+    t0 = time.perf_counter()
+    r.xadd("ivl:jobs:tiny", {"job": json.dumps(job)})
+    first = 0.0
+    while True:
+        message = pubsub.get_message(timeout=10)
+        if message is None:
+            raise AssertionError("no event within 10 s")
+        if message["type"] != "message":
+            continue
+        event = json.loads(message["data"])
+        if not first and event["type"] == "delta" and event["text"]:
+            first = time.perf_counter()
+        if event["type"] in ("done", "failed", "cancelled"):
+            pubsub.close()
+            return (first or time.perf_counter()) - t0
 
 
 def _ttft_local(engine: Any, body: dict[str, Any]) -> float:
