@@ -176,3 +176,49 @@ def test_chat_ui_in_headless_chromium(
         browser.close()
     assert "error_code" not in text
     assert user_images == 1  # the uploaded picture is shown in the user's turn
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_stop_button_cancels_the_job(  # type: ignore[no-untyped-def]
+    start_worker, start_gateway, procs: list[Proc], tmp_path: Path, r: redis.Redis
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    start_worker(model="tiny-fake", delay=0.05)  # a slow fake model: 20 tokens/s
+    _, gateway = start_gateway()
+    ui_port = free_port()
+    procs.append(
+        spawn(
+            "ui",
+            [
+                str(BIN / "streamlit"),
+                "run",
+                str(ROOT / "ui" / "app.py"),
+                "--server.port",
+                str(ui_port),
+                "--server.headless",
+                "true",
+            ],
+            tmp_path,
+            {"GATEWAY_URL": gateway},
+        )
+    )
+    wait_for(lambda: _ok(f"http://127.0.0.1:{ui_port}/_stcore/health"), 60, "streamlit")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{ui_port}/", wait_until="domcontentloaded")
+        chat = page.locator('[data-testid="stChatInputTextArea"]')
+        chat.wait_for(timeout=60_000)
+        wait_for(lambda: chat.is_enabled(), 30, "a model in the list")
+        chat.fill("Tell me a long story")
+        chat.press("Enter")
+        answer = page.locator('[data-testid="stChatMessage"]').nth(1).locator('[data-testid="stMarkdown"]')
+        wait_for(lambda: answer.count() and len(answer.all_inner_texts()[0]) > 20, 60, "some streamed text")
+        page.get_by_role("button", name="Stop generating").click()
+        page.get_by_text("(stopped)").wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "chat_ui_stopped.png"), full_page=True)
+        browser.close()
+    states = [r.hget(key, "status") for key in r.scan_iter("ivl:job:*:state")]
+    assert states == ["cancelled"]

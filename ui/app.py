@@ -62,6 +62,7 @@ def stream_answer(body: dict[str, Any], placeholder: Any) -> tuple[str, int]:
                     continue
                 chunk = json.loads(frame)
                 text, code = chunk["text"], chunk["error_code"]
+                st.session_state.partial = text  # kept if the user stops (Streamlit ends this run early)
                 placeholder.markdown(text + ("" if code else " ▌"))
     return text, code
 
@@ -104,8 +105,12 @@ def main() -> None:
     st.session_state.setdefault("uploader", 0)
     model, system, params = sidebar()
     if st.session_state.get("job_id") and st.session_state.get("stop_requested"):
+        # Stopping reran the script, which closed the stream (the gateway cancels on disconnect); say it too.
         httpx.post(f"{GATEWAY}/jobs/{st.session_state.job_id}/cancel", headers=headers(), timeout=5)
         st.session_state.stop_requested = False
+        partial = st.session_state.pop("partial", None)
+        if partial is not None and st.session_state.messages and st.session_state.messages[-1]["role"] == "user":
+            st.session_state.messages.append({"role": "assistant", "content": f"{partial} *(stopped)*"})
     show_history()
     uploads = st.file_uploader(
         "Images for your next message",
@@ -136,6 +141,7 @@ def main() -> None:
             )
         else:
             st.session_state.messages.append({"role": "assistant", "content": text})
+        st.session_state.pop("partial", None)
     st.session_state.uploader += 1  # a fresh uploader for the next turn
     st.rerun()
 
