@@ -31,6 +31,7 @@ JOB_STREAM_MAXLEN = 100_000  # approximate cap of a model's job stream (processe
 DEAD_LETTER_MAXLEN = 10_000
 MAX_ATTEMPTS = 3  # deliveries of one job before it is dead-lettered
 STREAM_INTERVAL_MS = 20  # the worker coalesces deltas produced within this window into one event
+CONSUMER_FORGET_S = 3600.0  # a group consumer idle this long with nothing pending is deleted
 SHUTDOWN_GRACE_S = 20.0  # on SIGTERM, running jobs get this long to finish before they are handed back
 
 

@@ -41,6 +41,9 @@ class WorkerSettings(RedisSettings):
     lease_renew_s: float = Field(default=c.LEASE_RENEW_S, gt=0, description="lease renewal period")
     heartbeat_s: float = Field(default=c.HEARTBEAT_S, gt=0, description="health key refresh period")
     health_ttl_s: float = Field(default=c.HEALTH_TTL_S, gt=0, description="health key TTL")
+    forget_consumers_after_s: float = Field(
+        default=c.CONSUMER_FORGET_S, gt=0, description="drop group consumers idle this long with nothing pending"
+    )
     max_attempts: int = Field(default=c.MAX_ATTEMPTS, ge=1, description="deliveries before dead-letter")
     job_ttl_s: int = Field(default=c.JOB_TTL_S, ge=10, description="expiry of a job's keys after its last write")
     shutdown_grace_s: float = Field(default=c.SHUTDOWN_GRACE_S, ge=0, description="SIGTERM: time to finish jobs")

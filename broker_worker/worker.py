@@ -97,15 +97,22 @@ class Worker:
         await self._ensure_group()
         loops = [self._heartbeat_loop(), self._renew_loop(), self._reclaim_loop(), self._read_loop()]
         background = [asyncio.create_task(loop) for loop in loops]
-        await self._stopping.wait()
+        stopping = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([stopping, *background], return_when=asyncio.FIRST_COMPLETED)
+        crashed = next((t for t in done if t is not stopping and not t.cancelled() and t.exception()), None)
+        if crashed is not None:  # a dead loop would leave a zombie worker: stop, hand back, exit non-zero
+            log.error("worker loop crashed: %r; stopping", crashed.exception(), exc_info=crashed.exception())
+            self.stop()
         await self._drain()
-        for task in background:
+        for task in [stopping, *background]:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(stopping, *background, return_exceptions=True)
         with contextlib.suppress(RedisError):
             await health.remove(self.redis, self.worker_id)
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s stopped", self.worker_id)
+        if crashed is not None:
+            raise RuntimeError("a worker loop crashed") from crashed.exception()
 
     def stop(self) -> None:
         """Stop taking jobs; running ones get ``shutdown_grace_s`` to finish, then are handed back."""
@@ -187,11 +194,25 @@ class Worker:
             await self.redis.xclaim(self.stream, c.CONSUMER_GROUP, self.worker_id, 0, list(owned), justid=True)
 
     async def _heartbeat_loop(self) -> None:
+        beats = 0
         while True:
             with contextlib.suppress(RedisError, OSError):
                 await health.record(self.redis, self._health(), self.settings.health_ttl_s)
                 await self._ensure_group()  # re-creates the group after a Redis restart without persistence
+                if beats % 30 == 0:
+                    await self._forget_dead_consumers()
+            beats += 1
             await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _forget_dead_consumers(self) -> None:
+        """Every worker process joins the group under a new name; drop the names of long-gone ones that hold no
+        entries, so the group does not grow with every restart. (A dead consumer's pending entries are first
+        taken over by XAUTOCLAIM; only then is it empty.)"""
+        idle_ms = int(self.settings.forget_consumers_after_s * 1000)
+        for consumer in await self.redis.xinfo_consumers(self.stream, c.CONSUMER_GROUP):
+            if consumer["name"] != self.worker_id and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
+                await self.redis.xgroup_delconsumer(self.stream, c.CONSUMER_GROUP, consumer["name"])
+                log.info("forgot consumer %s (idle %.0fs, nothing pending)", consumer["name"], consumer["idle"] / 1000)
 
     def _health(self) -> WorkerHealth:
         return WorkerHealth(

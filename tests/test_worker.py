@@ -274,3 +274,18 @@ def test_blocking_client(redis_server: RedisServer, start_worker) -> None:  # ty
         assert client.queue_length("fake") == 0
     finally:
         client.close()
+
+
+def test_long_gone_consumers_are_forgotten(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    r.xgroup_create("ivl:jobs:fake", "workers", id="0", mkstream=True)
+    r.xgroup_createconsumer("ivl:jobs:fake", "workers", "ghost-worker")
+    r.xgroup_createconsumer("ivl:jobs:fake", "workers", "busy-ghost")
+    r.xadd("ivl:jobs:fake", {"job": json.dumps(job("held"))})
+    r.xreadgroup("workers", "busy-ghost", {"ivl:jobs:fake": ">"})  # holds an entry: must stay until reclaimed
+    start_worker(extra=["--forget-consumers-after-s", "0.2", "--lease-s", "600"])
+
+    def names() -> set[str]:
+        return {c["name"] for c in r.xinfo_consumers("ivl:jobs:fake", "workers")}
+
+    wait_for(lambda: "ghost-worker" not in names(), 30, "the idle consumer to be forgotten")
+    assert "busy-ghost" in names()
