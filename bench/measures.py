@@ -376,8 +376,8 @@ def _sse_pieces(base: str, body: dict[str, Any]) -> list[str]:
 
 
 def batching(workdir: Path, model_path: Path, device: str) -> dict[str, Any]:
-    """Tokens/s of one worker with 8 concurrent jobs vs one at a time (tiny model; no batched decoding yet)."""
-    worker = {"model": "tiny", "model_path": model_path, "extra": ["--device", device]}
+    """Tokens/s of one worker with 8 concurrent jobs vs one at a time (tiny model, ``--max-batch-size 8``)."""
+    worker = {"model": "tiny", "model_path": model_path, "extra": ["--device", device, "--max-batch-size", "8"]}
     with stack(workdir, [worker], gateway=False) as (server, _, _procs):
         r = server.client()
 

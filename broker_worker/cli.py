@@ -71,7 +71,12 @@ def build_engine(settings: WorkerSettings) -> Engine:
         loaded = load(options)
     except CheckpointError as exc:
         raise SystemExit(f"broker-worker: cannot serve {settings.model_path}: {exc}") from exc
-    return InternVLEngine(loaded, settings.resolved_model_name())
+    engine = InternVLEngine(loaded, settings.resolved_model_name())
+    if settings.max_batch_size > 1:
+        from broker_worker.batching import BatchingEngine
+
+        return BatchingEngine(engine, settings.max_batch_size)
+    return engine
 
 
 def run(settings: WorkerSettings) -> int:

@@ -78,24 +78,24 @@ class InternVLEngine:
         self.model_name = model_name
         self.device = loaded.device
         self.context_len = loaded.context_len
-        self._m = loaded
+        self.loaded = loaded
         self._limits = image_limits
-        self._skip_ids = control_token_ids(loaded.tokenizer)
-        self._eos_ids = self._stop_ids(loaded)
+        self.skip_ids = control_token_ids(loaded.tokenizer)
+        self.eos_ids = self._stop_ids(loaded)
         self._tiles: LruCache[torch.Tensor] = LruCache(TILE_CACHE_BYTES, tensor_bytes)
         self._stacks: LruCache[PixelStack] = LruCache(TILE_CACHE_BYTES, lambda s: tensor_bytes(s[0]))
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         prepared = self.prepare(job, answer_prefix)
-        decoder = IncrementalDecoder(self._m.tokenizer, self._skip_ids)
+        decoder = IncrementalDecoder(self.loaded.tokenizer, self.skip_ids)
         streamer = _DeltaStreamer(decoder, on_delta)
         try:
             with torch.inference_mode():
-                self._m.model.generate(**self._generate_kwargs(job, prepared, streamer, cancel))
+                self.loaded.model.generate(**self._generate_kwargs(job, prepared, streamer, cancel))
         except torch.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {exc}", retryable=True) from exc
-        reason: FinishReason = "stop" if streamer.last_id in self._eos_ids else "length"
+        reason: FinishReason = "stop" if streamer.last_id in self.eos_ids else "length"
         usage = Usage(
             prompt_tokens=int(prepared.input_ids.shape[1]) - prepared.prefix_tokens,
             completion_tokens=prepared.prefix_tokens + decoder.count,
@@ -108,17 +108,17 @@ class InternVLEngine:
     def prepare(self, job: Job, answer_prefix: str = "") -> Prepared:
         conversation = build_conversation(job.prompt, job.max_input_tiles)
         pixel_values, tiles_per_image = self.pixel_values(conversation)
-        text = conversation.render(self._m.template, answer_prefix)
-        text = expand_images(text, tiles_per_image, self._m.tokens_per_tile)
-        encoded = self._m.tokenizer(text, return_tensors="pt")
-        prefix_tokens = len(self._m.tokenizer(answer_prefix)["input_ids"]) if answer_prefix else 0
+        text = conversation.render(self.loaded.template, answer_prefix)
+        text = expand_images(text, tiles_per_image, self.loaded.tokens_per_tile)
+        encoded = self.loaded.tokenizer(text, return_tensors="pt")
+        prefix_tokens = len(self.loaded.tokenizer(answer_prefix)["input_ids"]) if answer_prefix else 0
         prompt_len = int(encoded["input_ids"].shape[1])
-        room = self._m.context_len - prompt_len
+        room = self.loaded.context_len - prompt_len
         if room <= 0:
             raise JobError(
                 ErrorCode.CONTEXT_OVERFLOW,
                 f"the prompt is {prompt_len} tokens (images included) and the context is "
-                f"{self._m.context_len}; send fewer images, a lower max_input_tiles, or a shorter history",
+                f"{self.loaded.context_len}; send fewer images, a lower max_input_tiles, or a shorter history",
             )
         max_new = min(job.max_new_tokens - prefix_tokens, room)
         if max_new <= 0:
@@ -139,7 +139,7 @@ class InternVLEngine:
         return self._stacks.get_or_make(keys, stack)
 
     def _tiles_for(self, b64: str, image_key: tuple[str, int], index: int) -> torch.Tensor:
-        m = self._m
+        m = self.loaded
         budget = image_key[1]
 
         def make() -> torch.Tensor:
@@ -153,8 +153,8 @@ class InternVLEngine:
     def _generate_kwargs(
         self, job: Job, p: Prepared, streamer: _DeltaStreamer, cancel: threading.Event
     ) -> dict[str, Any]:
-        device = self._m.model.device
-        dtype = next(self._m.model.parameters()).dtype
+        device = self.loaded.model.device
+        dtype = next(self.loaded.model.parameters()).dtype
         kwargs: dict[str, Any] = {
             "input_ids": p.input_ids.to(device),
             "attention_mask": p.attention_mask.to(device),
@@ -162,8 +162,8 @@ class InternVLEngine:
             "do_sample": job.temperature > 0,
             "num_beams": 1,
             "repetition_penalty": job.repetition_penalty,
-            "eos_token_id": sorted(self._eos_ids),
-            "pad_token_id": self._pad_id(),
+            "eos_token_id": sorted(self.eos_ids),
+            "pad_token_id": self.pad_id(),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([_CancelCriteria(cancel)]),
         }
@@ -173,8 +173,8 @@ class InternVLEngine:
             kwargs["pixel_values"] = p.pixel_values.to(device, dtype=dtype)
         return kwargs
 
-    def _pad_id(self) -> int:
-        tok = self._m.tokenizer
+    def pad_id(self) -> int:
+        tok = self.loaded.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return int(pad) if pad is not None else 0
 

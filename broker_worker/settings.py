@@ -34,8 +34,9 @@ class WorkerSettings(RedisSettings):
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: torch's)")
     limit_model_concurrency: int = Field(default=5, ge=1, le=256, description="jobs run at once by this worker")
     parallel_generations: int | None = Field(
-        default=None, ge=1, description="generations run at once (default: 1 on CPU, all slots on GPU)"
+        default=None, ge=1, description="generate() calls at once (default: 1 on CPU, all slots on GPU or batching)"
     )
+    max_batch_size: int = Field(default=1, ge=1, le=256, description="jobs batched into one generate (1 = off)")
     stream_interval_ms: int = Field(default=c.STREAM_INTERVAL_MS, ge=0, description="coalesce deltas this long")
     lease_s: float = Field(default=c.LEASE_S, gt=0, description="idle time after which a job is taken over")
     lease_renew_s: float = Field(default=c.LEASE_RENEW_S, gt=0, description="lease renewal period")

@@ -80,7 +80,9 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).
-        parallel = settings.parallel_generations or (1 if engine.device == "cpu" else self.slots)
+        # With batching, every waiting job must reach the batcher, so each gets a thread.
+        unbatched_cpu = engine.device == "cpu" and settings.max_batch_size == 1
+        parallel = settings.parallel_generations or (1 if unbatched_cpu else self.slots)
         self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="generate")
         self._started_ms = now_ms()
         self._jobs_done = 0

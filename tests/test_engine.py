@@ -43,29 +43,29 @@ def non_streamed(engine: InternVLEngine, job: Job) -> tuple[list[int], str, int]
     """Plain ``model.generate`` on the engine's own prompt: new token ids, their text, and the prompt length."""
     prepared = engine.prepare(job)
     with torch.inference_mode():
-        out = engine._m.model.generate(
+        out = engine.loaded.model.generate(
             input_ids=prepared.input_ids,
             attention_mask=prepared.attention_mask,
             pixel_values=prepared.pixel_values,
             max_new_tokens=job.max_new_tokens,
             do_sample=False,
             repetition_penalty=job.repetition_penalty,
-            eos_token_id=sorted(engine._eos_ids),
-            pad_token_id=engine._pad_id(),
+            eos_token_id=sorted(engine.eos_ids),
+            pad_token_id=engine.pad_id(),
         )
     prompt_len = int(prepared.input_ids.shape[1])
     # native models return prompt + answer; remote-code ones (inputs_embeds) only the answer
-    new_ids = out[0, prompt_len:].tolist() if engine._m.format == "native" else out[0].tolist()
-    skip = control_token_ids(engine._m.tokenizer)
+    new_ids = out[0, prompt_len:].tolist() if engine.loaded.format == "native" else out[0].tolist()
+    skip = control_token_ids(engine.loaded.tokenizer)
     return (
         new_ids,
-        engine._m.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False),
+        engine.loaded.tokenizer.decode([i for i in new_ids if i not in skip], skip_special_tokens=False),
         prompt_len,
     )
 
 
 def test_loads_native_checkpoint(engine: InternVLEngine) -> None:
-    m = engine._m
+    m = engine.loaded
     assert (m.format, m.image_size, m.tokens_per_tile, m.context_len, m.use_thumbnail) == (
         "native",
         448,
@@ -87,7 +87,7 @@ def test_greedy_stream_equals_non_streamed_output(engine: InternVLEngine) -> Non
 
 def test_image_tokens_expanded_per_tile(engine: InternVLEngine) -> None:
     prepared = engine.prepare(make_job("q", images=2, max_input_tiles=4))
-    context_id = engine._m.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    context_id = engine.loaded.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     tiles = prepared.pixel_values.shape[0]  # type: ignore[union-attr]
     assert int((prepared.input_ids == context_id).sum()) == 256 * tiles
     # 300x200 with budget 2 (4 // 2 images): the 2x1 grid ties with 1x1 and the image is small -> 1 tile each
@@ -102,7 +102,7 @@ def test_concurrent_system_prompts_do_not_leak(engine: InternVLEngine) -> None:
     assert parallel == serial * 2
     assert len(set(serial)) > 1  # different system prompts give different (noise) answers
     for k, job in enumerate(jobs):
-        assert f"system prompt {k}" in engine._m.tokenizer.decode(engine.prepare(job).input_ids[0])
+        assert f"system prompt {k}" in engine.loaded.tokenizer.decode(engine.prepare(job).input_ids[0])
 
 
 def test_cancel_stops_within_one_token(engine: InternVLEngine) -> None:
@@ -134,7 +134,7 @@ def test_resume_prefix_is_continued_not_restarted(engine: InternVLEngine) -> Non
     deltas: list[str] = []
     engine.generate(job, prefix, threading.Event(), deltas.append)
     prepared = engine.prepare(job, prefix)
-    assert engine._m.tokenizer.decode(prepared.input_ids[0]).endswith(prefix)
+    assert engine.loaded.tokenizer.decode(prepared.input_ids[0]).endswith(prefix)
     assert prepared.max_new_tokens < 24
 
 
@@ -171,7 +171,7 @@ def test_repeated_images_come_from_the_tile_cache(engine: InternVLEngine) -> Non
 
 
 def test_grounding_tokens_survive(engine: InternVLEngine) -> None:
-    tok = engine._m.tokenizer
+    tok = engine.loaded.tokenizer
     ids = tok("<ref>dog</ref><box>[[1, 2, 3, 4]]</box>")["input_ids"]
     from broker_worker.decoding import IncrementalDecoder
 
