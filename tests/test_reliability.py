@@ -191,3 +191,33 @@ def test_gateway_restart_client_resumes_by_job_id(start_worker, start_gateway, h
     chunks = [json.loads(p) for p in rest.split(b"\0") if p.strip()]
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] == "length"
     assert received + chunks[-1]["text"] == expected("resume", 500)
+
+
+def test_pubsub_connection_killed_mid_stream_loses_nothing(  # type: ignore[no-untyped-def]
+    r: redis.Redis, start_worker, start_gateway
+) -> None:
+    start_worker(delay=0.02)
+    _, base = start_gateway()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_request, base, app_payload("fake", "blip", 150, image=False))
+        wait_for(lambda: any(len(f["e"]) > 0 for k in r.scan_iter("ivl:job:*:events") for _, f in r.xrange(k)), 20,
+                 "the stream to start")
+        time.sleep(0.3)  # a few deltas in, then cut the gateway's pub/sub connection (a network blip)
+        assert r.client_kill_filter(_type="pubsub") >= 1
+        chunks = future.result(timeout=60)
+    assert chunks[-1]["error_code"] == 0
+    assert consistent(chunks)
+    assert chunks[-1]["text"] == expected("blip", 150)  # the gap was filled from the replay record
+
+
+def test_full_queue_is_refused_with_42903(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    start_worker(delay=0.05, slots=1)
+    _, base = start_gateway("--max-queue", "2")
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(run_request, base, app_payload("fake", f"long {k}", 60, image=False)) for k in range(2)]
+        wait_for(lambda: httpx.post(base + "/worker_get_status").json()["queue_length"] >= 2, 20, "a full queue")
+        refused = httpx.post(base + "/worker_generate_stream", json=app_payload("fake", "one more", 5, image=False))
+        assert refused.status_code == 429
+        chunk = json.loads(refused.content.rstrip(b"\0"))
+        assert chunk["error_code"] == 42903 and "limit 2" in chunk["text"]
+        assert [f.result(timeout=60)[-1]["error_code"] for f in running] == [0, 0]
