@@ -37,6 +37,8 @@ class FakeEngine:
         question = question_of(job)
         if question.startswith("fail:"):
             raise JobError(ErrorCode.INTERNAL_ERROR, f"fake engine asked to fail: {question}")
+        if question.startswith("oom:"):
+            raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, "fake engine ran out of memory", retryable=True)
         tokens = fake_tokens(job)
         done, start = 0, 0
         while start < len(tokens) and done + len(tokens[start]) <= len(answer_prefix):

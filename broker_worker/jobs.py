@@ -80,8 +80,10 @@ class JobStore:
         k = JobKeys.of(job_id)
         return int(await self._renew(keys=[k.state, k.events, k.cancel], args=[token, self.job_ttl_s]))
 
-    async def release(self, job_id: str, token: str) -> bool:
-        return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token]))
+    async def release(self, job_id: str, token: str, *, failed_attempt: bool = False) -> bool:
+        """Hand the job back for another run; ``failed_attempt`` counts this run against ``max_attempts``."""
+        status = "retry" if failed_attempt else "released"
+        return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token, status]))
 
 
 async def submit(redis: aioredis.Redis, job: Job) -> str:

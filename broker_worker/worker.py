@@ -270,7 +270,7 @@ class Worker:
             return
         self.running[job.id] = run
         try:
-            await self._execute(run, decision.resumed, reclaimed)
+            await self._execute(run, decision.resumed, reclaimed, decision.attempts)
         finally:
             self.running.pop(job.id, None)
 
@@ -295,7 +295,7 @@ class Worker:
         await self.store.publish(run.job.id, run.token, event)
         await self._ack(run.entry_id)
 
-    async def _execute(self, run: Running, resumed: bool, reclaimed: bool) -> None:
+    async def _execute(self, run: Running, resumed: bool, reclaimed: bool, attempt: int) -> None:
         job, started = run.job, time.perf_counter()
         prefix = replay_text(await replay(self.redis, job.id)) if resumed else ""
         queued_s = max(0.0, (now_ms() - job.created_ms) / 1000)
@@ -316,9 +316,20 @@ class Worker:
             else:
                 finish = await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
         except Handback:
-            await self._hand_back(run)
+            if await self._requeue(run):
+                log.info("job %s handed back on shutdown; another worker resumes it", job.id)
             return
         except JobError as exc:
+            if exc.retryable and attempt < self.settings.max_attempts:
+                await self._requeue(run, failed_attempt=True)
+                log.info(
+                    "job %s hit a transient error (%s); re-queued after attempt %d of %d",
+                    job.id,
+                    exc.message,
+                    attempt,
+                    self.settings.max_attempts,
+                )
+                return
             await self._finish(run, Failed(error_code=exc.code, message=exc.message), started, f"failed: {exc}")
             return
         except Exception as exc:  # the error boundary: log the real error, tell the client what it was
@@ -350,14 +361,16 @@ class Worker:
         log.info("job %s %s in %.2fs", run.job.id, what, time.perf_counter() - started)
         await self._ack(run.entry_id)
 
-    async def _hand_back(self, run: Running) -> None:
-        if await self.store.release(run.job.id, run.token):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.stream, {c.JOB_FIELD: run.job.model_dump_json()})
-                pipe.xack(self.stream, c.CONSUMER_GROUP, run.entry_id)
-                pipe.xdel(self.stream, run.entry_id)
-                await pipe.execute()
-            log.info("job %s handed back on shutdown; another worker resumes it", run.job.id)
+    async def _requeue(self, run: Running, *, failed_attempt: bool = False) -> bool:
+        """Queue the job again (new entry, this one acked); the next run resumes from the text already sent."""
+        if not await self.store.release(run.job.id, run.token, failed_attempt=failed_attempt):
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.stream, {c.JOB_FIELD: run.job.model_dump_json()})
+            pipe.xack(self.stream, c.CONSUMER_GROUP, run.entry_id)
+            pipe.xdel(self.stream, run.entry_id)
+            await pipe.execute()
+        return True
 
     async def _ack(self, entry_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

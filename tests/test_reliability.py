@@ -200,8 +200,11 @@ def test_pubsub_connection_killed_mid_stream_loses_nothing(  # type: ignore[no-u
     _, base = start_gateway()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_request, base, app_payload("fake", "blip", 150, image=False))
-        wait_for(lambda: any(len(f["e"]) > 0 for k in r.scan_iter("ivl:job:*:events") for _, f in r.xrange(k)), 20,
-                 "the stream to start")
+        wait_for(
+            lambda: any(len(f["e"]) > 0 for k in r.scan_iter("ivl:job:*:events") for _, f in r.xrange(k)),
+            20,
+            "the stream to start",
+        )
         time.sleep(0.3)  # a few deltas in, then cut the gateway's pub/sub connection (a network blip)
         assert r.client_kill_filter(_type="pubsub") >= 1
         chunks = future.result(timeout=60)

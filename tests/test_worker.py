@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -289,3 +290,13 @@ def test_long_gone_consumers_are_forgotten(r: redis.Redis, start_worker) -> None
 
     wait_for(lambda: "ghost-worker" not in names(), 30, "the idle consumer to be forgotten")
     assert "busy-ghost" in names()
+
+
+def test_transient_errors_are_retried_then_failed(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker()
+    submit(r, job("oom", question="oom: please"))
+    evs = wait_terminal(r, "oom")
+    assert [e["type"] for e in evs] == ["started", "started", "started", "failed"]
+    assert (evs[-1]["error_code"], evs[-1]["message"]) == (50002, "fake engine ran out of memory")
+    assert r.hget("ivl:job:{oom}:state", "attempts") == "3"
+    assert len(re.findall("job oom hit a transient error", worker.log())) == 2

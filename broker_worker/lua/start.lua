@@ -10,7 +10,7 @@ if status == 'running' and entry ~= ARGV[1] then
   return {'duplicate', status, 0, 0}
 end
 local increment = 1
-if status == 'released' then increment = 0 end  -- handed back on shutdown: not a failed attempt
+if status == 'released' then increment = 0 end  -- handed back on shutdown: not a failed attempt ('retry' is)
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', increment)
 redis.call('HSET', KEYS[1], 'status', 'running', 'entry', ARGV[1], 'owner', ARGV[2], 'worker', ARGV[3],
   'started_ms', ARGV[4])
