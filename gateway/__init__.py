@@ -1,0 +1,1 @@
+"""HTTP gateway (no torch): the InternVL/FastChat worker and controller protocols and an OpenAI API over Redis."""

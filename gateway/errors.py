@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from broker_worker.errors import ErrorCode, JobError
 
-_HTTP_STATUS = {
+_HTTP_STATUS: dict[int, int] = {
     ErrorCode.VALIDATION_TYPE_ERROR: 400,
     ErrorCode.INVALID_AUTH_KEY: 401,
     ErrorCode.INVALID_MODEL: 404,
@@ -23,7 +23,7 @@ _HTTP_STATUS = {
 
 
 def http_status(code: int) -> int:
-    return _HTTP_STATUS.get(ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL_ERROR, 500)
+    return _HTTP_STATUS.get(code, 500)
 
 
 def seed_chunk(text: str, error_code: int = 0, **extra: Any) -> bytes:

@@ -361,3 +361,16 @@ def test_count_token_is_counted_by_the_model(tiny_stack: str, tiny_model: Path) 
     assert text_only["count"] == engine.count_tokens(hello)  # a plain string is one user message
     unknown = httpx.post(tiny_stack + "/count_token", json={"model": "nope", "prompt": "hello"})
     assert unknown.status_code == 404 and json.loads(unknown.content.rstrip(b"\0"))["error_code"] == 40301
+
+
+def test_gateway_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gateway.app, gateway.cli, broker_worker.client; from gateway.app import create_app; "
+        "from gateway.settings import GatewaySettings; create_app(GatewaySettings()); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules); print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
