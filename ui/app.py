@@ -7,12 +7,15 @@ Run: ``streamlit run ui/app.py`` with ``GATEWAY_URL`` (default http://127.0.0.1:
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 from typing import Any
 
 import httpx
 import streamlit as st
+from grounding import draw_boxes, find_boxes
+from PIL import Image
 
 GATEWAY = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
 TOKEN = os.environ.get("GATEWAY_API_TOKEN", "")
@@ -88,8 +91,15 @@ def sidebar() -> tuple[str | None, str, dict[str, Any]]:
     return model, system, params
 
 
+def show_grounding(text: str, image: bytes | None) -> None:
+    """Answers with <ref>/<box> grounding get the boxes drawn on the latest image, like InternVL's demo."""
+    boxes = find_boxes(text)
+    if boxes and image is not None:
+        st.image(draw_boxes(Image.open(io.BytesIO(image)), boxes), width=480)
+
+
 def show_history() -> None:
-    for message in st.session_state.messages:
+    for k, message in enumerate(st.session_state.messages):
         with st.chat_message(message["role"]):
             for b64 in message.get("images", []):
                 st.image(base64.b64decode(b64), width=240)
@@ -97,6 +107,9 @@ def show_history() -> None:
                 st.error(message["content"])
             else:
                 st.markdown(message["content"])
+            if message["role"] == "assistant":
+                images = [m for m in st.session_state.messages[:k] if m.get("images")]
+                show_grounding(message["content"], base64.b64decode(images[-1]["images"][-1]) if images else None)
 
 
 def main() -> None:
