@@ -101,6 +101,25 @@ def _ok(url: str) -> bool:
         return False
 
 
+def start_ui(procs: list[Proc], tmp_path: Path, gateway: str) -> int:
+    """The Streamlit chat app against ``gateway``, on a free port, answering its health check."""
+    port = free_port()
+    args = [
+        str(BIN / "streamlit"),
+        "run",
+        str(ROOT / "ui" / "app.py"),
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    procs.append(spawn("ui", args, tmp_path, {"GATEWAY_URL": gateway}))
+    wait_for(lambda: _ok(f"http://127.0.0.1:{port}/_stcore/health"), 60, "streamlit")
+    return port
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -118,25 +137,7 @@ def test_chat_ui_in_headless_chromium(
 
     start_worker(model="tiny-internvl", model_path=tiny_model)
     _, gateway = start_gateway()
-    ui_port = free_port()
-    ui = spawn(
-        "ui",
-        [
-            str(BIN / "streamlit"),
-            "run",
-            str(ROOT / "ui" / "app.py"),
-            "--server.port",
-            str(ui_port),
-            "--server.headless",
-            "true",
-            "--browser.gatherUsageStats",
-            "false",
-        ],
-        tmp_path,
-        {"GATEWAY_URL": gateway},
-    )
-    procs.append(ui)
-    wait_for(lambda: _ok(f"http://127.0.0.1:{ui_port}/_stcore/health"), 60, "streamlit")
+    ui_port = start_ui(procs, tmp_path, gateway)
     image = tmp_path / "cat.png"
     import base64
 
@@ -187,24 +188,7 @@ def test_stop_button_cancels_the_job(  # type: ignore[no-untyped-def]
 
     start_worker(model="tiny-fake", delay=0.05)  # a slow fake model: 20 tokens/s
     _, gateway = start_gateway()
-    ui_port = free_port()
-    procs.append(
-        spawn(
-            "ui",
-            [
-                str(BIN / "streamlit"),
-                "run",
-                str(ROOT / "ui" / "app.py"),
-                "--server.port",
-                str(ui_port),
-                "--server.headless",
-                "true",
-            ],
-            tmp_path,
-            {"GATEWAY_URL": gateway},
-        )
-    )
-    wait_for(lambda: _ok(f"http://127.0.0.1:{ui_port}/_stcore/health"), 60, "streamlit")
+    ui_port = start_ui(procs, tmp_path, gateway)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
