@@ -1,4 +1,6 @@
-"""Redis connections from a URL (``redis://``, ``rediss://`` for TLS, AUTH/ACL user and password in the URL).
+"""Redis connections from a URL: ``redis://``, ``rediss://`` (TLS), AUTH/ACL ``user:password@`` in the URL, and
+``redis+sentinel://[user:password@]host:26379,host2:26379/<service>/<db>`` for a Sentinel-managed primary
+(every new connection asks the sentinels where the primary is, so a failover is followed).
 
 Connections retry transient errors briefly and check their health, so a Redis restart is survived by the next
 command instead of by a process restart.
@@ -6,8 +8,9 @@ command instead of by a process restart.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -28,25 +31,80 @@ def _options() -> dict[str, Any]:
     }
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
+        sentinels.append((name, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError(f"{redact(url)}: a Sentinel URL names the service: redis+sentinel://host:26379/mymaster/0")
+    return SentinelTarget(
+        sentinels, path[0], int(path[1]) if len(path) > 1 else 0, unquote(username) or None, unquote(password) or None
+    )
+
+
 def async_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     from redis.asyncio.retry import Retry as AsyncRetry
 
-    return aioredis.Redis.from_url(
-        url, socket_timeout=socket_timeout, retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3), **_options()
-    )
+    retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3)
+    if url.startswith(SENTINEL_SCHEME):
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        t = parse_sentinel_url(url)
+        sentinel = AsyncSentinel(t.sentinels, socket_timeout=socket_timeout, decode_responses=True)  # type: ignore[no-untyped-call]
+        primary: aioredis.Redis = sentinel.master_for(
+            t.service,
+            socket_timeout=socket_timeout,
+            retry=retry,
+            db=t.db,
+            username=t.username,
+            password=t.password,
+            **_options(),
+        )
+        return primary
+    return aioredis.Redis.from_url(url, socket_timeout=socket_timeout, retry=retry, **_options())
 
 
 def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=socket_timeout, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), **_options()
-    )
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 3)
+    if url.startswith(SENTINEL_SCHEME):
+        from redis.sentinel import Sentinel
+
+        t = parse_sentinel_url(url)
+        primary: redis.Redis = Sentinel(t.sentinels, socket_timeout=socket_timeout).master_for(  # type: ignore[no-untyped-call]
+            t.service,
+            socket_timeout=socket_timeout,
+            retry=retry,
+            db=t.db,
+            username=t.username,
+            password=t.password,
+            **_options(),
+        )
+        return primary
+    return redis.Redis.from_url(url, socket_timeout=socket_timeout, retry=retry, **_options())
 
 
 def redact(url: str) -> str:
     """The URL with its password replaced, for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in credentials:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{credentials.split(':', 1)[0]}:***@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
