@@ -374,3 +374,28 @@ def test_gateway_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_request_deadline_when_no_worker_takes_the_job(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    worker = start_worker(delay=0.001)
+    _, base = start_gateway("--start-timeout-s", "1")
+    worker.signal(signal.SIGSTOP)  # registered and fresh for a few seconds, but takes nothing
+    try:
+        started = time.monotonic()
+        payload = {
+            "model": "fake",
+            "prompt": [{"role": "user", "content": "anyone?"}],
+            "max_new_tokens": 3,
+            "job_id": "unclaimed",
+        }
+        status, parts = stream(base, payload, timeout=30)
+        assert status == 200 and parts[-1]["error_code"] == 50006
+        assert "no worker started job unclaimed" in parts[-1]["text"]
+        assert time.monotonic() - started < 15
+    finally:
+        worker.signal(signal.SIGCONT)
+    # The gateway cancelled the job it gave up on; picked up late, it is dropped, never run.
+    worker.wait_log("job unclaimed cancelled before start", 30)
+    assert [json.loads(f["e"])["type"] for _, f in r.xrange("ivl:job:{unclaimed}:events")] == ["cancelled"]
