@@ -59,10 +59,13 @@ def parse_entry(fields: dict[str, Any]) -> Job:
     if len(raw) > MAX_ENTRY_CHARS:
         raise BadEntry(f"job is {len(raw)} characters; the limit is {MAX_ENTRY_CHARS}")
     try:
-        return Job.model_validate_json(raw)
+        job = Job.model_validate_json(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         raise BadEntry(f"invalid job: {problems}") from exc
+    if "id" not in job.model_fields_set:
+        raise BadEntry("invalid job: id: missing (the client chooses it, to read the job's events)")
+    return job
 
 
 class Worker:
