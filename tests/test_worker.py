@@ -150,7 +150,7 @@ def test_frozen_worker_is_fenced_after_takeover(r: redis.Redis, start_worker) ->
             "max_new_tokens",
         ),
         ({"job": json.dumps({"model": "fake", "prompt": [{"role": "wizard", "content": "x"}]})}, "role"),
-    ({"job": json.dumps({"model": "fake", "prompt": [{"role": "user", "content": "x"}]})}, "id: missing"),
+        ({"job": json.dumps({"model": "fake", "prompt": [{"role": "user", "content": "x"}]})}, "id: missing"),
     ],
 )
 def test_garbage_is_dead_lettered_and_worker_keeps_serving(  # type: ignore[no-untyped-def]
