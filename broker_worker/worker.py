@@ -301,51 +301,53 @@ class Worker:
     async def _execute(self, run: Running, resumed: bool, reclaimed: bool, attempt: int) -> None:
         job, started = run.job, time.perf_counter()
         prefix = replay_text(await replay(self.redis, job.id)) if resumed else ""
-        queued_s = max(0.0, (now_ms() - job.created_ms) / 1000)
-        transition = "resumed" if resumed else "started"
         log.info(
             "job %s %s (queued %.2fs, %d chars already sent%s)",
             job.id,
-            transition,
-            queued_s,
+            "resumed" if resumed else "started",
+            max(0.0, (now_ms() - job.created_ms) / 1000),
             len(prefix),
             ", reclaimed" if reclaimed else "",
         )
-        interval_s = self.settings.stream_interval_ms / 1000
-        relay = Relay(self.store, self.engine, self._executor, run, interval_s, self._tokens)
         try:
-            if job.count_only:
-                finish = await self._count(job)
-            else:
-                finish = await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
+            finish = await self._produce(run, prefix, resumed)
         except Handback:
             if await self._requeue(run):
                 log.info("job %s handed back on shutdown; another worker resumes it", job.id)
-            return
         except JobError as exc:
-            if exc.retryable and attempt < self.settings.max_attempts:
-                await self._requeue(run, failed_attempt=True)
-                log.info(
-                    "job %s hit a transient error (%s); re-queued after attempt %d of %d",
-                    job.id,
-                    exc.message,
-                    attempt,
-                    self.settings.max_attempts,
-                )
-                return
-            await self._finish(run, Failed(error_code=exc.code, message=exc.message), started, f"failed: {exc}")
-            return
+            await self._on_job_error(run, exc, attempt, started)
         except Exception as exc:  # the error boundary: log the real error, tell the client what it was
             log.exception("job %s crashed in the engine", job.id)
-            await self._finish(
-                run,
-                Failed(error_code=ErrorCode.INTERNAL_ERROR, message=f"{type(exc).__name__}: {exc}"),
-                started,
-                "failed",
+            failed = Failed(error_code=ErrorCode.INTERNAL_ERROR, message=f"{type(exc).__name__}: {exc}")
+            await self._finish(run, failed, started, "failed")
+        else:
+            await self._conclude(run, finish, started)
+
+    async def _produce(self, run: Running, prefix: str, resumed: bool) -> Finish:
+        if run.job.count_only:
+            return await self._count(run.job)
+        relay = Relay(
+            self.store, self.engine, self._executor, run, self.settings.stream_interval_ms / 1000, self._tokens
+        )
+        return await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
+
+    async def _on_job_error(self, run: Running, exc: JobError, attempt: int, started: float) -> None:
+        """Transient errors (CUDA OOM) go back to the queue as a counted attempt; the rest fail the job."""
+        if exc.retryable and attempt < self.settings.max_attempts:
+            await self._requeue(run, failed_attempt=True)
+            log.info(
+                "job %s hit a transient error (%s); re-queued after attempt %d of %d",
+                run.job.id,
+                exc.message,
+                attempt,
+                self.settings.max_attempts,
             )
             return
+        await self._finish(run, Failed(error_code=exc.code, message=exc.message), started, f"failed: {exc}")
+
+    async def _conclude(self, run: Running, finish: Finish, started: float) -> None:
         if run.stop_reason == "fenced":
-            log.info("job %s taken over by another worker: this worker publishes nothing more", job.id)
+            log.info("job %s taken over by another worker: this worker publishes nothing more", run.job.id)
         elif run.stop_reason == "cancelled":
             await self._finish(run, Cancelled(), started, "cancelled")
         else:
