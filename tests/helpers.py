@@ -67,7 +67,11 @@ class RedisServer:
         cmd = ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         cmd += ["--dir", str(self.directory), "--logfile", log, *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._pings, 10, "redis-server to answer")
+        try:
+            wait_for(self._pings, 10, "redis-server to answer")
+        except BaseException:
+            self.kill()  # never leave a server behind when start-up fails
+            raise
         return self
 
     def _pings(self) -> bool:
