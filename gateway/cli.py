@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from broker_worker import settings_cli
 from broker_worker.connections import redact
@@ -30,15 +32,32 @@ def main(argv: list[str] | None = None) -> int:
         redact(settings.redis_url),
         settings.controller_address or "none",
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    _Server(config, app).run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """Tells the service it is shutting down, so the streams cut by the shutdown do not cancel their jobs
+    (clients resume them by id, from this gateway's successor)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        service = getattr(self._app.state, "service", None)
+        if service is not None:
+            service.draining = True
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

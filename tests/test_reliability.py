@@ -160,7 +160,9 @@ def _models(base: str) -> list[str]:
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_gateway_restart_client_resumes_by_job_id(start_worker, start_gateway, how: signal.Signals) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_restart_client_resumes_by_job_id(
+    start_worker, start_gateway, r: redis.Redis, how: signal.Signals
+) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.02)
     port = free_port()
     gateway, base = start_gateway(port=port)
@@ -185,6 +187,7 @@ def test_gateway_restart_client_resumes_by_job_id(start_worker, start_gateway, h
         except httpx.HTTPError:
             pass  # the gateway went away mid-stream
     assert gateway.popen.wait(30) is not None
+    assert not r.exists(f"ivl:job:{{{job_id}}}:cancel")  # a gateway going away is not a client going away
     assert 0 < len(received) < len(expected("resume", 500))
     _, base = start_gateway(port=port)
     rest = httpx.get(f"{base}/jobs/{job_id}/stream", params={"after": last_seq}, timeout=60).content
