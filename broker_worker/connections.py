@@ -21,12 +21,14 @@ SOCKET_TIMEOUT_S = 10.0
 _RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
 
 
-def _options() -> dict[str, Any]:
+def _options(socket_timeout: float | None, retry: Any) -> dict[str, Any]:
     return {
         "decode_responses": True,
+        "socket_timeout": socket_timeout,
         "socket_connect_timeout": 5.0,
         "socket_keepalive": True,
         "health_check_interval": 15,
+        "retry": retry,
         "retry_on_error": _RETRY_ON,
     }
 
@@ -41,6 +43,10 @@ class SentinelTarget:
     db: int
     username: str | None
     password: str | None
+
+    def auth(self) -> dict[str, Any]:
+        """Database and credentials of the primary (the sentinels themselves are asked without them)."""
+        return {"db": self.db, "username": self.username, "password": self.password}
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
@@ -62,42 +68,27 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 def async_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> aioredis.Redis:
     from redis.asyncio.retry import Retry as AsyncRetry
 
-    retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3)
-    if url.startswith(SENTINEL_SCHEME):
-        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    options = _options(socket_timeout, AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3))
+    if not url.startswith(SENTINEL_SCHEME):
+        return aioredis.Redis.from_url(url, **options)
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-        t = parse_sentinel_url(url)
-        sentinel = AsyncSentinel(t.sentinels, socket_timeout=socket_timeout, decode_responses=True)  # type: ignore[no-untyped-call]
-        primary: aioredis.Redis = sentinel.master_for(
-            t.service,
-            socket_timeout=socket_timeout,
-            retry=retry,
-            db=t.db,
-            username=t.username,
-            password=t.password,
-            **_options(),
-        )
-        return primary
-    return aioredis.Redis.from_url(url, socket_timeout=socket_timeout, retry=retry, **_options())
+    target = parse_sentinel_url(url)
+    sentinel = AsyncSentinel(target.sentinels, socket_timeout=socket_timeout)  # type: ignore[no-untyped-call]
+    primary: aioredis.Redis = sentinel.master_for(target.service, **target.auth(), **options)
+    return primary
 
 
 def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> redis.Redis:
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 3)
-    if url.startswith(SENTINEL_SCHEME):
-        from redis.sentinel import Sentinel
+    options = _options(socket_timeout, Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
+    if not url.startswith(SENTINEL_SCHEME):
+        return redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
 
-        t = parse_sentinel_url(url)
-        primary: redis.Redis = Sentinel(t.sentinels, socket_timeout=socket_timeout).master_for(  # type: ignore[no-untyped-call]
-            t.service,
-            socket_timeout=socket_timeout,
-            retry=retry,
-            db=t.db,
-            username=t.username,
-            password=t.password,
-            **_options(),
-        )
-        return primary
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout, retry=retry, **_options())
+    target = parse_sentinel_url(url)
+    sentinel = Sentinel(target.sentinels, socket_timeout=socket_timeout)  # type: ignore[no-untyped-call]
+    primary: redis.Redis = sentinel.master_for(target.service, **target.auth(), **options)  # type: ignore[no-untyped-call]
+    return primary
 
 
 def redact(url: str) -> str:
