@@ -51,14 +51,16 @@ def decode_base64(b64: str, index: int, limits: ImageLimits = DEFAULT_LIMITS) ->
         raise invalid(f"image {index}: invalid base64 ({exc})") from exc
 
 
-def open_image(data: bytes, index: int, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Open and fully load an image after checking its header's size against the limits."""
+def open_image(data: bytes, index: int, limits: ImageLimits = DEFAULT_LIMITS, *, load: bool = True) -> Image.Image:
+    """Open an image after checking its header's size against the limits, then decode it. With ``load=False``
+    only the header is read (nothing is decompressed): the gateway's check before a job is queued."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             _check_size(image.size, index, limits)
-            image.load()
+            if load:
+                image.load()
     except Image.DecompressionBombError as exc:
         raise invalid(f"image {index}: refused as a decompression bomb ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker_worker.errors import ErrorCode, JobError, invalid
-from broker_worker.images import ImageLimits, decode_base64, strip_data_url
+from broker_worker.images import ImageLimits, decode_base64, open_image, strip_data_url
 from broker_worker.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
 from gateway.settings import GatewaySettings
 
@@ -125,22 +125,4 @@ def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: Ga
         )
     limits = ImageLimits(max_pixels=settings.max_image_pixels)
     for index, b64 in enumerate(images, start=1):
-        check_image_header(decode_base64(b64, index, limits), index, limits)
-
-
-def check_image_header(data: bytes, index: int, limits: ImageLimits) -> None:
-    import io
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            width, height = Image.open(io.BytesIO(data)).size  # header only: nothing is decompressed
-    except Image.DecompressionBombError as exc:
-        raise invalid(f"image {index}: refused as a decompression bomb ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise invalid(f"image {index}: not a readable image ({type(exc).__name__})") from exc
-    if width * height > limits.max_pixels or max(width, height) > limits.max_side:
-        raise invalid(f"image {index}: {width}x{height} pixels is over the limit ({limits.max_pixels} pixels)")
+        open_image(decode_base64(b64, index, limits), index, limits, load=False)
