@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Mapping
 from enum import IntEnum
+from typing import Any
 
 
 class ErrorCode(IntEnum):
@@ -35,3 +37,13 @@ class JobError(Exception):
 
 def invalid(message: str) -> JobError:
     return JobError(ErrorCode.VALIDATION_TYPE_ERROR, message)
+
+
+def describe_problems(errors: Iterable[Mapping[str, Any]], *, skip: Collection[object] = (), empty: str = "") -> str:
+    """``loc: msg; …`` for the first five problems pydantic found; ``skip`` drops location parts (FastAPI's
+    ``body``), ``empty`` names a problem with no location left."""
+    parts = []
+    for error in list(errors)[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in skip) or empty
+        parts.append(f"{where}: {error.get('msg', '')}")
+    return "; ".join(parts)

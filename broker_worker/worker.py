@@ -26,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 from broker_worker import constants as c
 from broker_worker import health
 from broker_worker.engine import Engine, Finish
-from broker_worker.errors import ErrorCode, JobError
+from broker_worker.errors import ErrorCode, JobError, describe_problems
 from broker_worker.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
 from broker_worker.messages import (
     Cancelled,
@@ -61,8 +61,7 @@ def parse_entry(fields: dict[str, Any]) -> Job:
     try:
         job = Job.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        raise BadEntry(f"invalid job: {problems}") from exc
+        raise BadEntry(f"invalid job: {describe_problems(exc.errors())}") from exc
     if "id" not in job.model_fields_set:
         raise BadEntry("invalid job: id: missing (the client chooses it, to read the job's events)")
     return job

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_worker.client import AsyncClient
 from broker_worker.connections import async_redis
-from broker_worker.errors import invalid
+from broker_worker.errors import describe_problems, invalid
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.controller_bridge import ControllerBridge
 from gateway.deps import require_token
@@ -106,9 +106,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     """Bad input gets the protocol's own typed error (40001 with the cause), not FastAPI's 422 format."""
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg', '')}"
-        for e in exc.errors()[:5]
-    )
+    problems = describe_problems(exc.errors(), skip={"body"}, empty="body")
     err = invalid(f"invalid request: {problems}")
     return openai_error(err) if request.url.path.startswith("/v1/") else seed_error(err)

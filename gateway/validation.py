@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker_worker.errors import ErrorCode, JobError, invalid
+from broker_worker.errors import ErrorCode, JobError, describe_problems, invalid
 from broker_worker.images import ImageLimits, decode_base64, open_image, strip_data_url
 from broker_worker.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
 from gateway.settings import GatewaySettings
@@ -74,8 +74,7 @@ class OpenAIChatRequest(BaseModel):
 
 
 def validation_error(exc: ValidationError) -> JobError:
-    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-    return invalid(f"invalid request: {problems}")
+    return invalid(f"invalid request: {describe_problems(exc.errors(), empty='body')}")
 
 
 def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
