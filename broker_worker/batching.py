@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from broker_worker.decoding import IncrementalDecoder
 from broker_worker.engine import Finish, OnDelta
-from broker_worker.errors import ErrorCode, JobError
+from broker_worker.errors import JobError
 from broker_worker.internvl_engine import InternVLEngine, Prepared
-from broker_worker.messages import Job, Usage
+from broker_worker.messages import Job
 
 log = logging.getLogger("broker_worker.batching")
 SamplingKey = tuple[bool, float, float, float]
@@ -52,11 +52,7 @@ class _Row:
         if self.finish is None:
             if text := self.decoder.flush():
                 self.on_delta(text)
-            usage = Usage(
-                prompt_tokens=int(self.prepared.input_ids.shape[1]) - self.prepared.prefix_tokens,
-                completion_tokens=self.prepared.prefix_tokens + self.tokens,
-            )
-            self.finish = Finish("stop" if reason == "stop" else "length", usage)
+            self.finish = Finish("stop" if reason == "stop" else "length", self.prepared.usage(self.tokens))
             self.done.set()
 
 
@@ -130,9 +126,8 @@ class BatchingEngine:
             batch = self._next_batch()
             try:
                 self._run(batch)
-            except torch.OutOfMemoryError as exc:
-                torch.cuda.empty_cache()
-                self._fail(batch, JobError(ErrorCode.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {exc}", retryable=True))
+            except JobError as exc:  # CUDA OOM: every row is retried
+                self._fail(batch, exc)
             except Exception as exc:  # every row learns what went wrong; the batcher keeps going
                 log.exception("batched generation failed")
                 self._fail(batch, exc)
@@ -159,28 +154,18 @@ class BatchingEngine:
                 row.done.set()
 
     def _run(self, rows: list[_Row]) -> None:
-        engine, first = self.inner, rows[0].job
+        engine = self.inner
         input_ids, attention_mask = self._left_pad([r.prepared for r in rows], engine.pad_id())
-        model = engine.loaded.model
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids.to(model.device),
-            "attention_mask": attention_mask.to(model.device),
-            "max_new_tokens": max(r.prepared.max_new_tokens for r in rows),
-            "do_sample": first.temperature > 0,
-            "num_beams": 1,
-            "repetition_penalty": first.repetition_penalty,
-            "eos_token_id": sorted(engine.eos_ids),
-            "pad_token_id": engine.pad_id(),
-            "streamer": _RowStreamer(rows, engine.eos_ids),
-            "stopping_criteria": StoppingCriteriaList([_RowStopper(rows)]),
-        }
-        if first.temperature > 0:
-            kwargs.update(temperature=first.temperature, top_p=first.top_p)
         pixels = [r.prepared.pixel_values for r in rows if r.prepared.pixel_values is not None]
-        if pixels:
-            kwargs["pixel_values"] = torch.cat(pixels).to(model.device, dtype=next(model.parameters()).dtype)
-        with torch.inference_mode():
-            model.generate(**kwargs)
+        engine.run_generate(
+            rows[0].job,
+            input_ids,
+            attention_mask,
+            torch.cat(pixels) if pixels else None,
+            max(r.prepared.max_new_tokens for r in rows),
+            _RowStreamer(rows, engine.eos_ids),
+            _RowStopper(rows),
+        )
 
     @staticmethod
     def _left_pad(prepared: list[Prepared], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,13 @@ class Prepared:
     max_new_tokens: int
     prefix_tokens: int
 
+    def usage(self, generated: int) -> Usage:
+        """Tokens of the request as the client sees it: text already sent by an earlier worker is completion."""
+        return Usage(
+            prompt_tokens=int(self.input_ids.shape[1]) - self.prefix_tokens,
+            completion_tokens=self.prefix_tokens + generated,
+        )
+
 
 class _CancelCriteria(StoppingCriteria):  # type: ignore[misc]
     def __init__(self, cancel: threading.Event) -> None:
@@ -89,18 +96,17 @@ class InternVLEngine:
         prepared = self.prepare(job, answer_prefix)
         decoder = IncrementalDecoder(self.loaded.tokenizer, self.skip_ids)
         streamer = _DeltaStreamer(decoder, on_delta)
-        try:
-            with torch.inference_mode():
-                self.loaded.model.generate(**self._generate_kwargs(job, prepared, streamer, cancel))
-        except torch.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {exc}", retryable=True) from exc
-        reason: FinishReason = "stop" if streamer.last_id in self.eos_ids else "length"
-        usage = Usage(
-            prompt_tokens=int(prepared.input_ids.shape[1]) - prepared.prefix_tokens,
-            completion_tokens=prepared.prefix_tokens + decoder.count,
+        self.run_generate(
+            job,
+            prepared.input_ids,
+            prepared.attention_mask,
+            prepared.pixel_values,
+            prepared.max_new_tokens,
+            streamer,
+            _CancelCriteria(cancel),
         )
-        return Finish(reason, usage)
+        reason: FinishReason = "stop" if streamer.last_id in self.eos_ids else "length"
+        return Finish(reason, prepared.usage(decoder.count))
 
     def count_tokens(self, job: Job) -> int:
         return int(self.prepare(job).input_ids.shape[1])
@@ -150,28 +156,40 @@ class InternVLEngine:
 
         return self._tiles.get_or_make(image_key, make)
 
-    def _generate_kwargs(
-        self, job: Job, p: Prepared, streamer: _DeltaStreamer, cancel: threading.Event
-    ) -> dict[str, Any]:
-        device = self.loaded.model.device
-        dtype = next(self.loaded.model.parameters()).dtype
+    def run_generate(
+        self,
+        job: Job,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int,
+        streamer: BaseStreamer,
+        stopping: StoppingCriteria,
+    ) -> None:
+        """``model.generate`` with the job's sampling settings (for one prompt or a left-padded batch)."""
+        model = self.loaded.model
         kwargs: dict[str, Any] = {
-            "input_ids": p.input_ids.to(device),
-            "attention_mask": p.attention_mask.to(device),
-            "max_new_tokens": p.max_new_tokens,
+            "input_ids": input_ids.to(model.device),
+            "attention_mask": attention_mask.to(model.device),
+            "max_new_tokens": max_new_tokens,
             "do_sample": job.temperature > 0,
             "num_beams": 1,
             "repetition_penalty": job.repetition_penalty,
             "eos_token_id": sorted(self.eos_ids),
             "pad_token_id": self.pad_id(),
             "streamer": streamer,
-            "stopping_criteria": StoppingCriteriaList([_CancelCriteria(cancel)]),
+            "stopping_criteria": StoppingCriteriaList([stopping]),
         }
         if job.temperature > 0:
             kwargs.update(temperature=job.temperature, top_p=job.top_p)
-        if p.pixel_values is not None:
-            kwargs["pixel_values"] = p.pixel_values.to(device, dtype=dtype)
-        return kwargs
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values.to(model.device, dtype=next(model.parameters()).dtype)
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except torch.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {exc}", retryable=True) from exc
 
     def pad_id(self) -> int:
         tok = self.loaded.tokenizer
