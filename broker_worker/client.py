@@ -20,11 +20,11 @@ from redis.exceptions import RedisError
 from broker_worker import constants as c
 from broker_worker import health, jobs
 from broker_worker.errors import ErrorCode, JobError
+from broker_worker.jobs import StreamReply
 from broker_worker.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 
 log = logging.getLogger("broker_worker.client")
 _RESYNC = "resync"
-StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
 class Subscriber:
@@ -259,12 +259,13 @@ class Client:
         self.redis: redis.Redis = sync_redis(url, socket_timeout=None)
 
     def submit(self, job: Job) -> bool:
+        """Queue the job; False (and nothing queued) when its id is already running or finished."""
         status = self.redis.hget(c.job_state_key(job.id), "status")
         if status in ("running", "done", "failed", "cancelled"):
             return False
-        self.redis.xadd(
-            c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN, approximate=True
-        )
+        with self.redis.pipeline(transaction=False) as pipe:
+            jobs.queue_commands(pipe, job)
+            pipe.execute()
         return True
 
     def stream(self, job_id: str, after_seq: int = 0, timeout_s: float = 300) -> Iterator[Event]:

@@ -15,6 +15,8 @@ from broker_worker import constants as c
 from broker_worker.messages import JOB_ID_PATTERN, Event, Job, parse_event
 
 FENCED = -1
+#: XREAD / XREADGROUP reply with decode_responses: [(stream, [(entry id, fields), …]), …], or None on timeout.
+StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 CANCELLED = -2
 
 
@@ -92,16 +94,22 @@ async def submit(redis: aioredis.Redis, job: Job) -> str:
     Re-submitting an id that is running or finished queues an entry that the worker acks without running it
     (the start script decides, atomically), so the caller may simply stream the id's events.
     """
-    state = c.job_state_key(job.id)
     async with redis.pipeline(transaction=False) as pipe:
-        # "queued" lets a resuming client tell a waiting job from an unknown id; workers treat it as new.
-        pipe.hsetnx(state, "status", "queued")
-        pipe.expire(state, c.JOB_TTL_S)
-        pipe.xadd(
-            c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN, approximate=True
-        )
+        queue_commands(pipe, job)
         entry: str = (await pipe.execute())[-1]
     return entry
+
+
+def queue_commands(pipe: Any, job: Job) -> None:
+    """Add a job's submission to a pipeline (sync or asyncio: adding commands is synchronous in both); the
+    last reply is the stream entry id."""
+    state = c.job_state_key(job.id)
+    # "queued" lets a resuming client tell a waiting job from an unknown id; workers treat it as new.
+    pipe.hsetnx(state, "status", "queued")
+    pipe.expire(state, c.JOB_TTL_S)
+    pipe.xadd(
+        c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN, approximate=True
+    )
 
 
 async def exists(redis: aioredis.Redis, job_id: str) -> bool:

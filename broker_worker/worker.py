@@ -27,7 +27,7 @@ from broker_worker import constants as c
 from broker_worker import health
 from broker_worker.engine import Engine, Finish
 from broker_worker.errors import ErrorCode, JobError, describe_problems
-from broker_worker.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
+from broker_worker.jobs import FENCED, JobStore, StreamReply, entry_job_id, replay, replay_text
 from broker_worker.messages import (
     Cancelled,
     DeadLetter,
@@ -45,7 +45,6 @@ from broker_worker.settings import WorkerSettings
 
 log = logging.getLogger("broker_worker.worker")
 MAX_ENTRY_CHARS = 64 * 1024 * 1024
-StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
 class BadEntry(Exception):
