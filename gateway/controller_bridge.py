@@ -24,8 +24,6 @@ class ControllerBridge:
         self.controller = controller.rstrip("/")
         self.http = http or httpx.AsyncClient(timeout=5.0)
         self.registered = False
-        self.registrations = 0
-        self.heartbeats = 0
         self._models: list[str] = []
 
     async def run(self) -> None:
@@ -60,7 +58,6 @@ class ControllerBridge:
         )
         response.raise_for_status()
         self.registered = True
-        self.registrations += 1
         log.info(
             "registered with controller %s as %s serving %s",
             self.controller,
@@ -77,7 +74,6 @@ class ControllerBridge:
             },
         )
         response.raise_for_status()
-        self.heartbeats += 1
         if not response.json().get("exist", False):
             log.info("controller %s forgot this gateway; registering again", self.controller)
             self.registered = False
