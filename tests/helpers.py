@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 from PIL import Image
 
@@ -215,3 +216,29 @@ def job(job_id: str, model: str = "fake", question: str = "hello", tokens: int =
         "max_new_tokens": tokens,
         **extra,
     }
+
+
+def end_to_end(
+    worker_url: str, gateway_url: str, tmp_path: Path, procs: list[Proc], question: str = "secure", tokens: int = 6
+) -> str:
+    """A fake-engine worker and a gateway on these Redis URLs; one request through both; its text."""
+    procs.append(spawn("worker", worker_args(worker_url, delay=0.001), tmp_path))
+    port = free_port()
+    procs.append(
+        spawn("gateway", [str(BIN / "broker-gateway"), "--redis-url", gateway_url, "--port", str(port)], tmp_path)
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"] == ["fake"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            assert all(p.alive for p in procs), [p.log()[-2000:] for p in procs]
+            return False
+
+    wait_for(ready, 60, "worker and gateway")
+    payload = {"model": "fake", "prompt": [{"role": "user", "content": question}], "max_new_tokens": tokens}
+    body = httpx.post(base + "/worker_generate_stream", json=payload, timeout=30).content
+    last = json.loads(body.split(b"\0")[-2])
+    assert last["error_code"] == 0, last
+    return str(last["text"])

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
-import httpx
-
 from broker_worker.connections import parse_sentinel_url, redact
-from tests.helpers import BIN, Proc, RedisServer, free_port, spawn, wait_for, worker_args
+from tests.helpers import Proc, RedisServer, end_to_end, free_port
 
 
 def test_redact_hides_passwords_only() -> None:
@@ -42,23 +39,7 @@ def test_workers_and_gateway_through_sentinel(tmp_path: Path, procs: list[Proc])
     )
     try:
         url = f"redis+sentinel://127.0.0.1:{sentinel_port}/ivl/0"
-        procs.append(spawn("worker", worker_args(url, delay=0.001), tmp_path))
-        port = free_port()
-        procs.append(spawn("gateway", [str(BIN / "broker-gateway"), "--redis-url", url, "--port", str(port)], tmp_path))
-        base = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"] == ["fake"]
-            except (httpx.HTTPError, ValueError, KeyError):
-                return False
-
-        wait_for(ready, 60, "worker and gateway through Sentinel")
-        payload = {"model": "fake", "prompt": [{"role": "user", "content": "via sentinel"}], "max_new_tokens": 3}
-        last = json.loads(
-            httpx.post(base + "/worker_generate_stream", json=payload, timeout=30).content.split(b"\0")[-2]
-        )
-        assert (last["error_code"], last["text"]) == (0, "t0:12 t1:12 t2:12 ")
+        assert end_to_end(url, url, tmp_path, procs, question="via sentinel", tokens=3) == "t0:12 t1:12 t2:12 "
         assert primary.client().exists("ivl:workers")  # the data is on the primary the sentinel pointed to
     finally:
         sentinel.kill()

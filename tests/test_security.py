@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import BIN, Proc, RedisServer, free_port, png_b64, spawn, wait_for, worker_args
+from tests.helpers import Proc, RedisServer, end_to_end, png_b64
 from tests.test_images import png_bomb
 
 # The ACL users docs/reliability.md documents (keys and channels under ivl:, only the commands each side uses).
@@ -27,29 +27,6 @@ GATEWAY_ACL = (
     "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hsetnx "
     "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec"
 )
-
-
-def end_to_end(worker_url: str, gateway_url: str, tmp_path: Path, procs: list[Proc]) -> str:
-    procs.append(spawn("worker", worker_args(worker_url, delay=0.001), tmp_path))
-    port = free_port()
-    procs.append(
-        spawn("gateway", [str(BIN / "broker-gateway"), "--redis-url", gateway_url, "--port", str(port)], tmp_path)
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"] == ["fake"]
-        except (httpx.HTTPError, ValueError, KeyError):
-            assert all(p.alive for p in procs), [p.log()[-2000:] for p in procs]
-            return False
-
-    wait_for(ready, 60, "worker and gateway")
-    payload = {"model": "fake", "prompt": [{"role": "user", "content": "secure"}], "max_new_tokens": 6}
-    body = httpx.post(base + "/worker_generate_stream", json=payload, timeout=30).content
-    last = json.loads(body.split(b"\0")[-2])
-    assert last["error_code"] == 0, last
-    return str(last["text"])
 
 
 def test_least_privilege_acl_users(tmp_path: Path, procs: list[Proc]) -> None:
