@@ -20,7 +20,7 @@ from broker_worker import tiling
 from broker_worker.messages import ChatMessage, Job
 from broker_worker.prompt import build_conversation
 from tests import seed_reference
-from tests.helpers import BIN, Proc, RedisServer, free_port, png_b64, spawn, wait_for, worker_args
+from tests.helpers import Proc, RedisServer, png_b64, served_models, spawn, spawn_gateway, wait_for, worker_args
 
 
 def tiny_model(workdir: Path) -> Path:
@@ -47,38 +47,14 @@ def stack(
         wait_for(lambda: len(server.client().zrange("ivl:workers", 0, -1)) >= len(workers), 120, "workers")
         base = ""
         if gateway:
-            port = free_port()
-            procs.append(
-                spawn(
-                    "gateway",
-                    [
-                        str(BIN / "broker-gateway"),
-                        "--redis-url",
-                        server.url,
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                        "--max-new-tokens",
-                        "16384",
-                    ],
-                    workdir,
-                )
-            )
-            base = f"http://127.0.0.1:{port}"
-            wait_for(lambda: _up(base), 60, "gateway")
+            proc, base = spawn_gateway(server.url, workdir, "--log-level", "warning", "--max-new-tokens", "16384")
+            procs.append(proc)
+            wait_for(lambda: bool(served_models(base)), 60, "gateway")
         yield server, base, procs
     finally:
         for proc in procs:
             proc.stop(10)
         server.kill()
-
-
-def _up(base: str) -> bool:
-    try:
-        return bool(httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        return False
 
 
 def run_jobs(r: redis.Redis, model: str, ids: list[str], tokens: int, poll_s: float = 0.01, **params: Any) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import Proc, RedisServer, live_worker_ids, spawn, wait_for, worker_args
+from tests.helpers import Proc, RedisServer, live_worker_ids, spawn, spawn_gateway, wait_for, worker_args
 
 
 @pytest.fixture(scope="session")
@@ -64,34 +64,9 @@ def start_worker(procs: list[Proc], tmp_path: Path, redis_server: RedisServer, r
 
 @pytest.fixture
 def start_gateway(procs: list[Proc], tmp_path: Path, redis_server: RedisServer):  # type: ignore[no-untyped-def]
-    import httpx
-
     def start(*extra: str, url: str | None = None, port: int | None = None) -> tuple[Proc, str]:
-        from tests.helpers import BIN, free_port
-
-        port = port or free_port()
-        args = [
-            str(BIN / "broker-gateway"),
-            "--redis-url",
-            url or redis_server.url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *extra,
-        ]
-        proc = spawn("gateway", args, tmp_path)
+        proc, base = spawn_gateway(url or redis_server.url, tmp_path, *extra, port=port)
         procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(base + "/health", timeout=2).status_code in (200, 503)
-            except httpx.HTTPError:
-                assert proc.alive, proc.log()
-                return False
-
-        wait_for(up, 30, "the gateway to answer /health")
         return proc, base
 
     return start

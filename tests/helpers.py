@@ -218,23 +218,48 @@ def job(job_id: str, model: str = "fake", question: str = "hello", tokens: int =
     }
 
 
+def served_models(base: str) -> list[str]:
+    """The gateway's ``model_names`` (models with a live worker); [] while it does not answer."""
+    try:
+        return list(httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return []
+
+
+def spawn_gateway(redis_url: str, log_dir: Path, *extra: str, port: int | None = None) -> tuple[Proc, str]:
+    """A ``broker-gateway`` process, once it answers /health; returns it and its base URL."""
+    port = port or free_port()
+    args = [str(BIN / "broker-gateway"), "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(port), *extra]
+    proc = spawn("gateway", args, log_dir)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(base + "/health", timeout=2).status_code in (200, 503)
+        except httpx.HTTPError:
+            if not proc.alive:
+                raise AssertionError(proc.log()) from None
+            return False
+
+    try:
+        wait_for(up, 30, "the gateway to answer /health")
+    except BaseException:
+        proc.stop(5)
+        raise
+    return proc, base
+
+
 def end_to_end(
     worker_url: str, gateway_url: str, tmp_path: Path, procs: list[Proc], question: str = "secure", tokens: int = 6
 ) -> str:
     """A fake-engine worker and a gateway on these Redis URLs; one request through both; its text."""
     procs.append(spawn("worker", worker_args(worker_url, delay=0.001), tmp_path))
-    port = free_port()
-    procs.append(
-        spawn("gateway", [str(BIN / "broker-gateway"), "--redis-url", gateway_url, "--port", str(port)], tmp_path)
-    )
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = spawn_gateway(gateway_url, tmp_path)
+    procs.append(gateway)
 
     def ready() -> bool:
-        try:
-            return httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"] == ["fake"]
-        except (httpx.HTTPError, ValueError, KeyError):
-            assert all(p.alive for p in procs), [p.log()[-2000:] for p in procs]
-            return False
+        assert all(p.alive for p in procs), [p.log()[-2000:] for p in procs]
+        return served_models(base) == ["fake"]
 
     wait_for(ready, 60, "worker and gateway")
     payload = {"model": "fake", "prompt": [{"role": "user", "content": question}], "max_new_tokens": tokens}

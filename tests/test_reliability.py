@@ -16,7 +16,17 @@ import redis
 
 from broker_worker.fake_engine import fake_tokens
 from broker_worker.messages import Job
-from tests.helpers import Proc, RedisServer, free_port, png_b64, spawn, wait_for, worker_args
+from tests.helpers import (
+    Proc,
+    RedisServer,
+    free_port,
+    png_b64,
+    served_models,
+    spawn,
+    spawn_gateway,
+    wait_for,
+    worker_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -111,25 +121,9 @@ def test_redis_restart_ends_every_request_and_service_recovers(tmp_path: Path, p
     server = RedisServer(tmp_path).start()
     try:
         procs.append(spawn("worker", worker_args(server.url, delay=0.05, lease_s=2.0), tmp_path))
-        port = free_port()
-        gateway = spawn(
-            "gateway",
-            [
-                str(Path(procs[0].popen.args[0]).parent / "broker-gateway"),
-                "--redis-url",
-                server.url,
-                "--port",
-                str(port),
-                "--start-timeout-s",
-                "20",
-                "--idle-timeout-s",
-                "20",
-            ],
-            tmp_path,
-        )
+        gateway, base = spawn_gateway(server.url, tmp_path, "--start-timeout-s", "20", "--idle-timeout-s", "20")
         procs.append(gateway)
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _models(base) == ["fake"], 60, "gateway and worker")
+        wait_for(lambda: served_models(base) == ["fake"], 60, "gateway and worker")
         payloads = [app_payload("fake", f"restart {k}", 200, image=False) for k in range(6)]
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(many, base, payloads)
@@ -144,19 +138,12 @@ def test_redis_restart_ends_every_request_and_service_recovers(tmp_path: Path, p
             last = chunks[-1]
             assert last["error_code"] == 0 or ("gone from Redis" in last["text"] or "Redis" in last["text"]), last
         assert any(c[-1]["error_code"] != 0 for c in results)  # those jobs died with Redis: said so, not hung
-        wait_for(lambda: _models(base) == ["fake"], 30, "the worker to re-register after the restart")
+        wait_for(lambda: served_models(base) == ["fake"], 30, "the worker to re-register after the restart")
         after = run_request(base, app_payload("fake", "after restart", 5, image=False))
         assert after[-1]["error_code"] == 0 and after[-1]["text"] == expected("after restart", 5)
         assert all(p.alive for p in procs)
     finally:
         server.kill()
-
-
-def _models(base: str) -> list[str]:
-    try:
-        return list(httpx.post(base + "/worker_get_status", timeout=2).json()["model_names"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        return []
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
