@@ -224,6 +224,9 @@ class AsyncClient:
     async def queue_length(self, model: str) -> int:
         return await health.queue_length(self.redis, model)
 
+    async def queue_lengths(self, models: list[str]) -> dict[str, int]:
+        return await health.queue_lengths(self.redis, models)
+
     async def close(self) -> None:
         await self.subscriber.close()
         await self.redis.aclose()

@@ -38,4 +38,13 @@ async def live_workers(redis: aioredis.Redis) -> list[WorkerHealth]:
 
 async def queue_length(redis: aioredis.Redis, model: str) -> int:
     """Jobs waiting or running for a model: processed entries are deleted, so the stream length is the queue."""
-    return int(await redis.xlen(c.job_stream(model)))
+    return (await queue_lengths(redis, [model]))[model]
+
+
+async def queue_lengths(redis: aioredis.Redis, models: list[str]) -> dict[str, int]:
+    """``queue_length`` of several models in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for model in models:
+            pipe.xlen(c.job_stream(model))
+        lengths = await pipe.execute()
+    return {model: int(n) for model, n in zip(models, lengths, strict=True)}

@@ -51,7 +51,7 @@ class GatewayService:
     async def status(self) -> Status:
         workers = await self.client.workers()
         models = sorted({w.model for w in workers})
-        queues = {m: await self.client.queue_length(m) for m in models}
+        queues = await self.client.queue_lengths(models)
         self._status, self._status_at = Status(workers, queues), time.monotonic()
         return self._status
 
