@@ -96,6 +96,14 @@ class Usage(BaseModel):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def with_total(self) -> dict[str, int]:
+        """The usage object HTTP clients get (OpenAI's shape, which FastChat's seed chunks reuse)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
 
 FinishReason = Literal["stop", "length"]
 

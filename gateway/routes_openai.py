@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from broker_worker.errors import JobError
+from broker_worker.errors import ErrorCode, JobError
 from broker_worker.messages import Job, SamplingParams, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
@@ -52,27 +52,23 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
 
 
 async def _complete(service: GatewayService, job: Job) -> Response:
-    text, finish, usage = "", "stop", Usage()
     try:
-        async for event in service.run(job):
-            if event.type == "delta":
-                text += event.text
-            elif event.type == "done":
-                finish, usage = event.finish_reason, event.usage
-            elif event.type == "failed":
-                raise JobError(event.error_code, event.message)  # type: ignore[arg-type]
-            elif event.type == "cancelled":
-                finish = "cancelled"
+        outcome = await service.complete(job)
+        if outcome.failed is not None:
+            raise JobError(ErrorCode(outcome.failed.error_code), outcome.failed.message)
     except JobError as exc:
         return openai_error(exc)
+    finish, usage = outcome.finish_reason or "stop", outcome.usage or Usage()
     return JSONResponse(
         {
             "id": f"chatcmpl-{job.id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": _usage(usage),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "finish_reason": finish}
+            ],
+            "usage": usage.with_total(),
         }
     )
 
@@ -97,7 +93,7 @@ async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncI
             elif event.type == "done":
                 yield chunk({}, event.finish_reason)
                 if include_usage:
-                    yield chunk({}, None, usage=_usage(event.usage))
+                    yield chunk({}, None, usage=event.usage.with_total())
             elif event.type == "cancelled":
                 yield chunk({}, "cancelled")
             elif event.type == "failed":
@@ -109,11 +105,3 @@ async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncI
 
 def _sse_error(message: str, code: int) -> bytes:
     return b"data: " + json.dumps({"error": {"message": message, "code": code}}).encode() + b"\n\n"
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }

@@ -60,27 +60,14 @@ async def worker_generate(body: SeedBody, service: Service) -> Response:
     """The same job, answered as one JSON object when it ends."""
     try:
         job = await _prepare(service, body)
+        outcome = await service.complete(job)
     except JobError as exc:
         return seed_error(exc)
-    last: dict[str, Any] = {"text": "", "error_code": 0}
-    text = ""
-    try:
-        async for event in service.run(job):
-            if event.type == "delta":
-                text += event.text
-            elif event.type == "done":
-                last = {
-                    "text": text,
-                    "error_code": 0,
-                    "finish_reason": event.finish_reason,
-                    "usage": event.usage.model_dump() | {"total_tokens": event.usage.total_tokens},
-                }
-            elif event.type == "failed":
-                last = {"text": event.message, "error_code": event.error_code}
-            elif event.type == "cancelled":
-                last = {"text": text, "error_code": 0, "finish_reason": "cancelled"}
-    except JobError as exc:
-        return seed_error(exc)
+    if outcome.failed is not None:
+        return JSONResponse({"text": outcome.failed.message, "error_code": outcome.failed.error_code, "job_id": job.id})
+    last: dict[str, Any] = {"text": outcome.text, "error_code": 0, "finish_reason": outcome.finish_reason}
+    if outcome.usage is not None:
+        last["usage"] = outcome.usage.with_total()
     return JSONResponse(last | {"job_id": job.id})
 
 
@@ -98,15 +85,12 @@ async def count_token(body: Annotated[CountRequest, Body()], service: Service) -
             update={"count_only": True}
         )
         await service.admit(job.model)
-        usage = None
-        async for event in service.run(job):
-            if event.type == "done":
-                usage = event.usage
-            elif event.type == "failed":
-                raise JobError(ErrorCode(event.error_code), event.message)
+        outcome = await service.complete(job)
+        if outcome.failed is not None:
+            raise JobError(ErrorCode(outcome.failed.error_code), outcome.failed.message)
     except JobError as exc:
         return seed_error(exc)
-    return JSONResponse({"count": usage.prompt_tokens if usage else 0, "error_code": 0})
+    return JSONResponse({"count": outcome.usage.prompt_tokens if outcome.usage else 0, "error_code": 0})
 
 
 @router.post("/model_details")

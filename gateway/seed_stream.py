@@ -24,8 +24,14 @@ async def seed_chunks(events: AsyncIterator[Event], job_id: str) -> AsyncIterato
                 text += event.text
                 yield seed_chunk(text, 0, job_id=job_id, seq=event.seq)
             elif event.type == "done":
-                usage = event.usage.model_dump() | {"total_tokens": event.usage.total_tokens}
-                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason=event.finish_reason, usage=usage)
+                yield seed_chunk(
+                    text,
+                    0,
+                    job_id=job_id,
+                    seq=event.seq,
+                    finish_reason=event.finish_reason,
+                    usage=event.usage.with_total(),
+                )
             elif event.type == "failed":
                 yield seed_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
             elif event.type == "cancelled":

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from broker_worker.client import AsyncClient
 from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import Event, Job, WorkerHealth
+from broker_worker.messages import Event, Failed, Job, Usage, WorkerHealth
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 
@@ -35,6 +35,16 @@ class Status:
 
     def to_seed(self) -> dict[str, object]:
         return {"model_names": self.model_names, "speed": max(1, len(self.workers)), "queue_length": self.queue_length}
+
+
+@dataclass
+class Outcome:
+    """A job run to its end, for the endpoints that answer once."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    usage: Usage | None = None
+    failed: Failed | None = None
 
 
 class GatewayService:
@@ -99,6 +109,20 @@ class GatewayService:
         finally:
             if not finished and not self.draining:
                 self.cancel_later(job.id)
+
+    async def complete(self, job: Job) -> Outcome:
+        """Run a job and collect it; a worker's ``failed`` event is returned, a stream error raised."""
+        outcome = Outcome()
+        async for event in self.run(job):
+            if event.type == "delta":
+                outcome.text += event.text
+            elif event.type == "done":
+                outcome.finish_reason, outcome.usage = event.finish_reason, event.usage
+            elif event.type == "failed":
+                outcome.failed = event
+            elif event.type == "cancelled":
+                outcome.finish_reason = "cancelled"
+        return outcome
 
     async def resume(self, job_id: str, after_seq: int) -> AsyncIterator[Event]:
         async for event in self.client.stream(job_id, after_seq, **self._timeouts()):
