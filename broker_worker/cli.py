@@ -95,7 +95,7 @@ def run(settings: WorkerSettings) -> int:
 async def _serve(settings: WorkerSettings, engine: Engine) -> int:
     from broker_worker.worker import Worker
 
-    redis = async_redis(settings.redis_url)
+    redis = async_redis(settings.redis_url, encoding_errors="surrogateescape")
     worker = Worker(settings, engine, redis)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

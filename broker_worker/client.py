@@ -123,6 +123,7 @@ class Subscriber:
 class AsyncClient:
     def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0) -> None:
         self.redis = redis
+        self.store = jobs.JobStore(redis)
         self.subscriber = Subscriber(redis)
         self.poll_s = poll_s
 
@@ -132,11 +133,12 @@ class AsyncClient:
 
         return cls(async_redis(url))
 
-    async def submit(self, job: Job) -> str:
-        """Queue the job (an id that already ran or runs is not run twice); returns the stream entry id."""
-        return await jobs.submit(self.redis, job)
+    async def submit(self, job: Job, max_queue: int = 0) -> str:
+        """Queue the job (an id that already ran or runs is not run twice); returns the stream entry id.
+        ``max_queue`` > 0: refuse with 42903 when the model has that many jobs queued or running (atomic)."""
+        return await self.store.submit(job, max_queue)
 
-    async def generate(self, job: Job, **timeouts: float | None) -> AsyncIterator[Event]:
+    async def generate(self, job: Job, max_queue: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
         """Subscribe, submit, then stream the job's events until the terminal one.
 
         SUBSCRIBE is sent first but its confirmation is awaited together with the submission: one round trip
@@ -145,7 +147,7 @@ class AsyncClient:
         """
         channel = c.job_channel(job.id)
         queue, submitted = await asyncio.gather(
-            self.subscriber.subscribe(channel), self.submit(job), return_exceptions=True
+            self.subscriber.subscribe(channel), self.submit(job, max_queue), return_exceptions=True
         )
         assert isinstance(queue, asyncio.Queue)  # subscribe() does not raise: Redis errors end up in a resync
         try:

@@ -65,10 +65,14 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
-def async_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> aioredis.Redis:
+def async_redis(
+    url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S, encoding_errors: str = "strict"
+) -> aioredis.Redis:
+    """``encoding_errors="surrogateescape"`` reads any bytes (workers: one bad entry must not stop the loop)."""
     from redis.asyncio.retry import Retry as AsyncRetry
 
     options = _options(socket_timeout, AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3))
+    options["encoding_errors"] = encoding_errors
     if not url.startswith(SENTINEL_SCHEME):
         return aioredis.Redis.from_url(url, **options)
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel

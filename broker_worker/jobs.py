@@ -1,5 +1,6 @@
 """Job-side Redis operations, shared by workers and clients: submit, start, publish (fenced), renew, release,
-replay, cancel. Each multi-key step is one Lua script over keys that share the job's hash tag."""
+replay, cancel. Each multi-key step is one Lua script over keys that share the job's hash tag; queueing is one
+script over the model's stream (admission and XADD in one step)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker_worker import constants as c
+from broker_worker.errors import ErrorCode, JobError
 from broker_worker.messages import JOB_ID_PATTERN, Event, Job, parse_event
+from broker_worker.states import JobStatus, Ownership, PublishRefused
 
-FENCED = -1
+FENCED = PublishRefused.FENCED
+CANCELLED = PublishRefused.CANCELLED
 #: XREAD / XREADGROUP reply with decode_responses: [(stream, [(entry id, fields), …]), …], or None on timeout.
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
-CANCELLED = -2
 
 
-def _lua(name: str) -> str:
+def lua(name: str) -> str:
     return resources.files("broker_worker").joinpath(f"lua/{name}.lua").read_text()
 
 
@@ -39,7 +42,8 @@ class JobKeys:
 @dataclass(frozen=True)
 class StartDecision:
     run: bool
-    status: str
+    #: The job's status when this start found it a duplicate (it is not run again).
+    duplicate_of: str
     attempts: int
     seq: int
     cancelled: bool
@@ -55,61 +59,78 @@ class JobStore:
     def __init__(self, redis: aioredis.Redis, job_ttl_s: int = c.JOB_TTL_S) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
-        self._start = redis.register_script(_lua("start"))
-        self._publish = redis.register_script(_lua("publish"))
-        self._renew = redis.register_script(_lua("renew"))
-        self._release = redis.register_script(_lua("release"))
+        self._start = redis.register_script(lua("start"))
+        self._publish = redis.register_script(lua("publish"))
+        self._renew = redis.register_script(lua("renew"))
+        self._release = redis.register_script(lua("release"))
+        self._mark_queued = redis.register_script(lua("mark_queued"))
+        self._enqueue = redis.register_script(lua("enqueue"))
 
     async def start(self, job_id: str, entry_id: str, token: str, worker_id: str, now_ms: int) -> StartDecision:
         k = JobKeys.of(job_id)
         action, status, seq, cancelled = await self._start(
-            keys=[k.state, k.cancel], args=[entry_id, token, worker_id, now_ms, self.job_ttl_s]
+            keys=[k.state, k.cancel, k.events], args=[entry_id, token, worker_id, now_ms, self.job_ttl_s]
         )
-        run = action == "run"
-        return StartDecision(run, str(status), int(status) if run else 0, int(seq), bool(cancelled))
+        if action == "run":
+            return StartDecision(True, "", int(status), int(seq), bool(cancelled))
+        return StartDecision(False, str(status), 0, int(seq), bool(cancelled))
 
-    async def publish(self, job_id: str, token: str, event: Event) -> int:
-        """The event's seq, or FENCED / CANCELLED. The seq in ``event`` is ignored: Redis assigns it."""
+    async def publish(self, job_id: str, token: str, event: Event, seq: int) -> int:
+        """Record and publish ``event`` as the job's event number ``seq`` (the caller counts its events, so a call
+        re-sent after a timeout is applied once). Returns the seq, or FENCED / CANCELLED."""
         k = JobKeys.of(job_id)
         body = event.model_dump_json(exclude={"seq"})  # '{"type":"…",…}': the script puts the seq first
         result = await self._publish(
-            keys=[k.state, k.events, k.cancel], args=[token, body[1:], c.REPLAY_MAXLEN, self.job_ttl_s]
+            keys=[k.state, k.events, k.cancel], args=[token, body[1:], c.REPLAY_MAXLEN, self.job_ttl_s, seq]
         )
         return int(result)
 
-    async def renew(self, job_id: str, token: str) -> int:
-        """1 still owned, 2 owned but cancelled, 0 taken over."""
+    async def renew(self, job_id: str, token: str) -> Ownership:
         k = JobKeys.of(job_id)
-        return int(await self._renew(keys=[k.state, k.events, k.cancel], args=[token, self.job_ttl_s]))
+        return Ownership(int(await self._renew(keys=[k.state, k.events, k.cancel], args=[token, self.job_ttl_s])))
 
     async def release(self, job_id: str, token: str, *, failed_attempt: bool = False) -> bool:
         """Hand the job back for another run; ``failed_attempt`` counts this run against ``max_attempts``."""
-        status = "retry" if failed_attempt else "released"
-        return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token, status]))
+        status = JobStatus.RETRY if failed_attempt else JobStatus.RELEASED
+        return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token, status.value]))
+
+    async def submit(self, job: Job, max_queue: int = 0) -> str:
+        """Queue a job in one round trip; returns the stream entry id.
+
+        ``max_queue`` > 0 refuses (42903) when that many entries are queued or running for the model, checked
+        and added atomically. Re-submitting an id that is running or finished queues an entry that the worker
+        acks without running it (the start script decides), so the caller may simply stream the id's events.
+        """
+        k = JobKeys.of(job.id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
+            await self._enqueue(keys=[c.job_stream(job.model)], args=[job.model_dump_json(), max_queue], client=pipe)
+            marked, entry = await pipe.execute()
+        if isinstance(entry, list):  # ['full', depth]
+            if marked:  # nothing was queued: do not leave a 'queued' marker behind
+                await self.redis.delete(k.state)
+            raise queue_full(job.model, int(entry[1]), max_queue)
+        return str(entry)
 
 
-async def submit(redis: aioredis.Redis, job: Job) -> str:
-    """Queue a job in one round trip; returns the stream entry id.
+def queue_full(model: str, depth: int, limit: int) -> JobError:
+    return JobError(
+        ErrorCode.ENGINE_OVERLOADED,
+        f"{depth} jobs are queued or running for {model!r} (limit {limit}); retry later or start more workers",
+    )
 
-    Re-submitting an id that is running or finished queues an entry that the worker acks without running it
-    (the start script decides, atomically), so the caller may simply stream the id's events.
-    """
-    async with redis.pipeline(transaction=False) as pipe:
-        queue_commands(pipe, job)
-        entry: str = (await pipe.execute())[-1]
-    return entry
+
+async def submit(redis: aioredis.Redis, job: Job, max_queue: int = 0) -> str:
+    """``JobStore.submit`` for callers without a store of their own."""
+    return await JobStore(redis).submit(job, max_queue)
 
 
 def queue_commands(pipe: Any, job: Job) -> None:
-    """Add a job's submission to a pipeline (sync or asyncio: adding commands is synchronous in both); the
-    last reply is the stream entry id."""
-    state = c.job_state_key(job.id)
-    # "queued" lets a resuming client tell a waiting job from an unknown id; workers treat it as new.
-    pipe.hsetnx(state, "status", "queued")
-    pipe.expire(state, c.JOB_TTL_S)
-    pipe.xadd(
-        c.job_stream(job.model), {c.JOB_FIELD: job.model_dump_json()}, maxlen=c.JOB_STREAM_MAXLEN, approximate=True
-    )
+    """Add a job's submission to a pipeline (sync or asyncio: adding commands is synchronous in both; the script
+    text is sent each time, for callers that queue many jobs in one pipeline). The last reply is the entry id."""
+    k = JobKeys.of(job.id)
+    pipe.eval(lua("mark_queued"), 2, k.state, k.events, c.JOB_TTL_S)
+    pipe.eval(lua("enqueue"), 1, c.job_stream(job.model), job.model_dump_json(), 0)
 
 
 async def exists(redis: aioredis.Redis, job_id: str) -> bool:
@@ -136,7 +157,7 @@ def entry_job_id(fields: dict[str, Any]) -> str | None:
     """Best effort: the id of a job whose entry failed validation, so its subscribers can be told."""
     try:
         value = json.loads(fields.get(c.JOB_FIELD, ""))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
     job_id = value.get("id") if isinstance(value, dict) else None
     return job_id if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id) else None

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from broker_worker.engine import Engine, Finish
 from broker_worker.jobs import CANCELLED, FENCED, JobStore
 from broker_worker.messages import Delta, Event, Job, Started
+from broker_worker.states import StopReason
 
 log = logging.getLogger("broker_worker.worker")
 
@@ -29,13 +30,23 @@ class Running:
     job: Job
     entry_id: str
     token: str
+    #: Seq of the last event recorded for the job (this run's publishes continue from it).
+    seq: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
-    #: Why generation stopped early: "cancelled", "fenced" or "handback".
-    stop_reason: str | None = None
+    #: Why generation stopped early.
+    stop_reason: StopReason | None = None
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
         self.cancel.set()
+
+    async def publish(self, store: JobStore, event: Event) -> int:
+        """Record ``event`` as this run's next event: its seq, or FENCED / CANCELLED. A call Redis already applied
+        (re-sent after a timeout) is not applied twice: the script checks the seq this run expects."""
+        result = await store.publish(self.job.id, self.token, event, self.seq + 1)
+        if result > 0:
+            self.seq = result
+        return result
 
 
 class Throughput:
@@ -92,7 +103,7 @@ class Relay:
             self._closed = True
             self._wake.set()
             await pump
-        if self.run.stop_reason == "handback":
+        if self.run.stop_reason == StopReason.HANDBACK:
             raise Handback
         return finish
 
@@ -102,7 +113,7 @@ class Relay:
 
     async def _pump(self, started: Started) -> None:
         if await self._publish_with_retry(started) == FENCED:
-            self.run.stop("fenced")
+            self.run.stop(StopReason.FENCED)
         last = 0.0
         while True:
             await self._wake.wait()
@@ -118,21 +129,21 @@ class Relay:
     async def _publish_buffer(self) -> None:
         text, count = "".join(self._buffer), len(self._buffer)
         self._buffer.clear()
-        if self.run.stop_reason in ("cancelled", "fenced"):
+        if self.run.stop_reason in (StopReason.CANCELLED, StopReason.FENCED):
             return
         seq = await self._publish_with_retry(Delta(text=text))
         self.throughput.add(count)
         if seq == FENCED:
-            self.run.stop("fenced")
+            self.run.stop(StopReason.FENCED)
         elif seq == CANCELLED:
-            self.run.stop("cancelled")
+            self.run.stop(StopReason.CANCELLED)
 
     async def _publish_with_retry(self, event: Event) -> int:
         for attempt in range(20):
             try:
-                return await self.store.publish(self.run.job.id, self.run.token, event)
+                return await self.run.publish(self.store, event)
             except (RedisError, OSError) as exc:
                 log.warning("job %s: publish failed (%s), retry %d", self.run.job.id, exc, attempt + 1)
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
-        self.run.stop("fenced")  # Redis is gone for good: stop; a live worker re-runs the job from the replay
+        self.run.stop(StopReason.FENCED)  # Redis is gone for good: stop; a live worker re-runs the job from the replay
         return FENCED

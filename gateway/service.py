@@ -94,7 +94,7 @@ class GatewayService:
         """Submit and stream; a client that goes away cancels the job. Ends with a terminal event or JobError."""
         started, first, finished = time.monotonic(), True, False
         try:
-            async for event in self.client.generate(job, **self._timeouts()):
+            async for event in self.client.generate(job, self.settings.max_queue, **self._timeouts()):
                 if event.type == "delta" and first:
                     first = False
                     self.metrics.ttft.labels(job.model).observe(time.monotonic() - started)
@@ -104,7 +104,8 @@ class GatewayService:
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"lost Redis while streaming job {job.id}: {exc}") from exc
         except JobError as exc:
-            self.metrics.jobs.labels(job.model, "timeout").inc()
+            outcome = "refused" if exc.code == ErrorCode.ENGINE_OVERLOADED else "timeout"
+            self.metrics.jobs.labels(job.model, outcome).inc()
             raise exc
         finally:
             if not finished and not self.draining:

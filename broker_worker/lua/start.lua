@@ -1,10 +1,14 @@
 -- Take a job for a run: decide new / resumed / duplicate, count the attempt, install the new fencing token.
--- KEYS[1] state hash, KEYS[2] cancel key
+-- KEYS[1] state hash, KEYS[2] cancel key, KEYS[3] replay stream
 -- ARGV[1] stream entry id, ARGV[2] fencing token, ARGV[3] worker id, ARGV[4] now (ms), ARGV[5] ttl (s)
+-- Statuses: states.JobStatus. Returns {'run' | 'duplicate', status or attempts, seq, cancelled}.
 local status = redis.call('HGET', KEYS[1], 'status')
 local entry = redis.call('HGET', KEYS[1], 'entry')
 if status == 'done' or status == 'failed' or status == 'cancelled' then
-  return {'duplicate', status, 0, 0}
+  if redis.call('EXISTS', KEYS[3]) == 1 then return {'duplicate', status, 0, 0} end
+  -- finished long ago and its replay expired: nobody can read that outcome any more; this is a new job
+  redis.call('DEL', KEYS[1])
+  status = false
 end
 if status == 'running' and entry ~= ARGV[1] then
   return {'duplicate', status, 0, 0}
