@@ -20,11 +20,13 @@ from tests.test_images import png_bomb
 # The ACL users docs/reliability.md documents (keys and channels under ivl:, only the commands each side uses).
 WORKER_ACL = (
     "on >worker-secret ~ivl:* &ivl:* -@all +ping +xreadgroup +xack +xdel +xautoclaim +xclaim +xgroup|create "
-    "+xgroup|delconsumer +xinfo|consumers +xadd +xrange +xlen +evalsha +eval +script|load +set +get +mget +del "
+    "+xgroup|delconsumer +xgroup|setid +xsetid +xinfo|consumers +xadd +xrange +xrevrange +xlen +evalsha +eval "
+    "+script|load +set +get +mget +del "
     "+zadd +zrem +zrangebyscore +zremrangebyscore +expire +hget +hset +hincrby +exists +publish +multi +exec"
 )
 GATEWAY_ACL = (
-    "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hsetnx "
+    "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hset +hsetnx +del +evalsha +eval "
+    "+script|load "
     "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec"
 )
 
