@@ -27,7 +27,6 @@ HEARTBEAT_S = 2.0  # how often a worker refreshes its health key
 HEALTH_TTL_S = 10.0  # a worker with no heartbeat for this long is dead
 JOB_TTL_S = 3600  # per-job keys (state, replay, cancel) expire this long after their last write
 REPLAY_MAXLEN = 20_000  # cap of a job's replay stream (events, not tokens)
-JOB_STREAM_MAXLEN = 100_000  # approximate cap of a model's job stream (processed entries are deleted too)
 DEAD_LETTER_MAXLEN = 10_000
 MAX_ATTEMPTS = 3  # deliveries of one job before it is dead-lettered
 STREAM_INTERVAL_MS = 20  # the worker coalesces deltas produced within this window into one event
