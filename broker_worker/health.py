@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import time
-
 import redis.asyncio as aioredis
 
 from broker_worker import constants as c
-from broker_worker.messages import WorkerHealth
+from broker_worker.messages import WorkerHealth, now_ms
 
 
 async def record(redis: aioredis.Redis, health: WorkerHealth, ttl_s: float) -> None:
-    now_ms = int(time.time() * 1000)
+    now = now_ms()
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(c.worker_health_key(health.worker_id), health.model_dump_json(), px=int(ttl_s * 1000))
-        pipe.zadd(c.WORKERS_INDEX, {health.worker_id: now_ms + int(ttl_s * 1000)})
-        pipe.zremrangebyscore(c.WORKERS_INDEX, 0, now_ms)
+        pipe.zadd(c.WORKERS_INDEX, {health.worker_id: now + int(ttl_s * 1000)})
+        pipe.zremrangebyscore(c.WORKERS_INDEX, 0, now)
         pipe.expire(c.WORKERS_INDEX, int(ttl_s * 3) + 1)
         await pipe.execute()
 
@@ -28,8 +26,8 @@ async def remove(redis: aioredis.Redis, worker_id: str) -> None:
 
 
 async def live_workers(redis: aioredis.Redis) -> list[WorkerHealth]:
-    now_ms = int(time.time() * 1000)
-    ids: list[str] = list(await redis.zrangebyscore(c.WORKERS_INDEX, now_ms, "+inf"))  # type: ignore[arg-type]
+    now = now_ms()
+    ids: list[str] = list(await redis.zrangebyscore(c.WORKERS_INDEX, now, "+inf"))  # type: ignore[arg-type]
     if not ids:
         return []
     values = await redis.mget([c.worker_health_key(i) for i in ids])

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from broker_worker.errors import ErrorCode
+from broker_worker.states import TERMINAL_STATUSES
 
 # Hard limits a job must respect whoever submits it (the gateway may enforce lower ones).
 MAX_MESSAGES = 256
@@ -144,7 +145,7 @@ class Cancelled(_Event):
 Event = Annotated[Started | Delta | Done | Failed | Cancelled, Field(discriminator="type")]
 TerminalEvent = Done | Failed | Cancelled
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-TERMINAL_TYPES = frozenset({"done", "failed", "cancelled"})
+TERMINAL_TYPES = frozenset(status.value for status in TERMINAL_STATUSES)  # event types that end a job
 
 
 def parse_event(raw: str | bytes) -> Event:
