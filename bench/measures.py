@@ -16,15 +16,15 @@ import redis
 import torch
 from PIL import Image
 
-from broker_worker import tiling
-from broker_worker.messages import ChatMessage, Job
-from broker_worker.prompt import build_conversation
+from broker_worker.model import tiling
+from broker_worker.model.prompt import build_conversation
+from broker_worker.protocol.messages import ChatMessage, Job
 from tests import seed_reference
 from tests.helpers import Proc, RedisServer, png_b64, served_models, spawn, spawn_gateway, wait_for, worker_args
 
 
 def tiny_model(workdir: Path) -> Path:
-    from broker_worker.tiny_model import make_tiny_model
+    from broker_worker.model.tiny_model import make_tiny_model
 
     return make_tiny_model(workdir / "tiny-internvl")
 
@@ -108,9 +108,9 @@ def tiling_speed() -> dict[str, Any]:
 
 def repeat_image(model_path: Path) -> dict[str, Any]:
     """InternVL's app resends every image with every turn: preprocessing per request, with and without the cache."""
-    from broker_worker.images import LruCache
-    from broker_worker.internvl_engine import InternVLEngine, tensor_bytes
-    from broker_worker.loading import LoadOptions, load
+    from broker_worker.model.internvl_engine import InternVLEngine, tensor_bytes
+    from broker_worker.model.loading import LoadOptions, load
+    from broker_worker.protocol.images import LruCache
 
     engine = InternVLEngine(load(LoadOptions(model_path)), "tiny")
     images = [png_b64(1280, 720, 1), png_b64(800, 600, 2)]
@@ -148,8 +148,8 @@ def repeat_image(model_path: Path) -> dict[str, Any]:
 
 
 def ttft(workdir: Path, model_path: Path, device: str, requests: int) -> dict[str, Any]:
-    from broker_worker.internvl_engine import InternVLEngine
-    from broker_worker.loading import LoadOptions, load
+    from broker_worker.model.internvl_engine import InternVLEngine
+    from broker_worker.model.loading import LoadOptions, load
 
     # Both sides get one torch thread: on 2 cores the worker shares the CPU with Redis, the gateway and this
     # client, while the in-process engine would have it to itself.

@@ -9,8 +9,8 @@ import signal
 import sys
 
 from broker_worker import settings_cli
-from broker_worker.connections import async_redis, redact
-from broker_worker.engine import Engine
+from broker_worker.model.engine import Engine
+from broker_worker.protocol.connections import async_redis, redact
 from broker_worker.settings import RedisSettings, WorkerSettings
 
 log = logging.getLogger("broker_worker.cli")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_tiny(directory: str, seed: int) -> int:
-    from broker_worker.tiny_model import NOISE_NOTICE, make_tiny_model
+    from broker_worker.model.tiny_model import NOISE_NOTICE, make_tiny_model
 
     path = make_tiny_model(directory, seed)
     print(f"wrote {path}: {NOISE_NOTICE}")
@@ -46,15 +46,15 @@ def make_tiny(directory: str, seed: int) -> int:
 
 def build_engine(settings: WorkerSettings) -> Engine:
     if settings.fake_engine:
-        from broker_worker.fake_engine import FakeEngine
+        from broker_worker.model.fake_engine import FakeEngine
 
         return FakeEngine(settings.resolved_model_name(), settings.fake_token_delay_s)
     if settings.model_path is None:
         raise SystemExit("broker-worker run: --model-path is required (or --fake-engine)")
     import torch
 
-    from broker_worker.internvl_engine import InternVLEngine
-    from broker_worker.loading import CheckpointError, LoadOptions, load
+    from broker_worker.model.internvl_engine import InternVLEngine
+    from broker_worker.model.loading import CheckpointError, LoadOptions, load
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -73,7 +73,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
         raise SystemExit(f"broker-worker: cannot serve {settings.model_path}: {exc}") from exc
     engine = InternVLEngine(loaded, settings.resolved_model_name())
     if settings.max_batch_size > 1:
-        from broker_worker.batching import BatchingEngine
+        from broker_worker.model.batching import BatchingEngine
 
         return BatchingEngine(engine, settings.max_batch_size)
     return engine
@@ -108,7 +108,7 @@ async def _serve(settings: WorkerSettings, engine: Engine) -> int:
 
 
 async def check_alive(redis_url: str, model: str | None) -> int:
-    from broker_worker import health
+    from broker_worker.protocol import health
 
     redis = async_redis(redis_url)
     try:

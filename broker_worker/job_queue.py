@@ -10,9 +10,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from broker_worker import constants as c
-from broker_worker.jobs import StreamReply, lua
-from broker_worker.messages import DeadLetter
+from broker_worker.protocol import constants as c
+from broker_worker.protocol.jobs import StreamReply, lua
+from broker_worker.protocol.messages import DeadLetter
 
 log = logging.getLogger("broker_worker.worker")
 #: An entry whose ID has this millisecond part leaves no room for XADD '*' after it (see lua/repair_ids.lua).

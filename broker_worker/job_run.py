@@ -17,15 +17,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker_worker import constants as c
-from broker_worker.engine import Engine, Finish
-from broker_worker.errors import ErrorCode, JobError, describe_problems
 from broker_worker.job_queue import Entry, JobQueue
-from broker_worker.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
-from broker_worker.messages import Cancelled, Done, Event, Failed, Job, Started, Usage, now_ms
+from broker_worker.model.engine import Engine, Finish
+from broker_worker.protocol import constants as c
+from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems
+from broker_worker.protocol.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
+from broker_worker.protocol.messages import Cancelled, Done, Event, Failed, Job, Started, Usage, now_ms
+from broker_worker.protocol.states import StopReason
 from broker_worker.relay import Handback, Relay, Running, Throughput
 from broker_worker.settings import WorkerSettings
-from broker_worker.states import StopReason
 
 log = logging.getLogger("broker_worker.worker")
 MAX_ENTRY_CHARS = 64 * 1024 * 1024

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from broker_worker.engine import Engine, Finish
-from broker_worker.jobs import CANCELLED, FENCED, JobStore
-from broker_worker.messages import Delta, Event, Job, Started
-from broker_worker.states import StopReason
+from broker_worker.model.engine import Engine, Finish
+from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
+from broker_worker.protocol.messages import Delta, Event, Job, Started
+from broker_worker.protocol.states import StopReason
 
 log = logging.getLogger("broker_worker.worker")
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker_worker import constants as c
+from broker_worker.protocol import constants as c
 
 
 class RedisSettings(BaseSettings):
@@ -53,7 +53,7 @@ class WorkerSettings(RedisSettings):
     log_level: str = Field(default="INFO")
 
     def resolved_model_name(self) -> str:
-        """The seed's rule: the last path part, or ``<parent>_<last>`` for ``checkpoint-N`` directories."""
+        """InternVL's model worker's rule: the last path part, or ``<parent>_<last>`` for ``checkpoint-N`` directories."""
         if self.model_name:
             return self.model_name
         if self.model_path is None:

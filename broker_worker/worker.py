@@ -21,14 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker_worker import health
-from broker_worker.engine import Engine
 from broker_worker.job_queue import Entry, JobQueue, at_end_of_id_space
 from broker_worker.job_run import JobRunner
-from broker_worker.jobs import JobStore
-from broker_worker.messages import WorkerHealth, now_ms
+from broker_worker.model.engine import Engine
+from broker_worker.protocol import health
+from broker_worker.protocol.jobs import JobStore
+from broker_worker.protocol.messages import WorkerHealth, now_ms
+from broker_worker.protocol.states import Ownership, StopReason
 from broker_worker.settings import WorkerSettings
-from broker_worker.states import Ownership, StopReason
 
 log = logging.getLogger("broker_worker.worker")
 #: Longest wait for new entries before looking for idle ones again (also bounds how long a hand-back waits).

@@ -11,9 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker_worker.client import AsyncClient
-from broker_worker.connections import async_redis
-from broker_worker.errors import describe_problems, invalid
+from broker_worker.protocol.client import AsyncClient
+from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.errors import describe_problems, invalid
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.controller_bridge import ControllerBridge
 from gateway.deps import require_token

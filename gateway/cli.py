@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from broker_worker import settings_cli
-from broker_worker.connections import redact
+from broker_worker.protocol.connections import redact
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
-from broker_worker.errors import ErrorCode, JobError
+from broker_worker.protocol.errors import ErrorCode, JobError
 
 _HTTP_STATUS: dict[int, int] = {
     ErrorCode.VALIDATION_TYPE_ERROR: 400,

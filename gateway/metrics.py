@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from broker_worker.messages import WorkerHealth
+from broker_worker.protocol.messages import WorkerHealth
 
 
 class Metrics:

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import Job, SamplingParams, Usage
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import Job, SamplingParams, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService

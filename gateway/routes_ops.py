@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 
-from broker_worker import constants as c
-from broker_worker import jobs
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import JOB_ID_PATTERN
+from broker_worker.protocol import constants as c
+from broker_worker.protocol import jobs
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import JOB_ID_PATTERN
 from gateway.deps import get_service
 from gateway.errors import seed_error
 from gateway.seed_stream import seed_chunks

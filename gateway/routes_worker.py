@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import ChatMessage, Job, SamplingParams
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import ChatMessage, Job, SamplingParams
 from gateway.deps import get_service
 from gateway.errors import seed_error
 from gateway.seed_stream import seed_chunks

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 from redis.exceptions import RedisError
 
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import Event
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import Event
 from gateway.errors import seed_chunk
 
 

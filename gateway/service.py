@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from broker_worker.client import AsyncClient
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import Event, Failed, Job, Usage, WorkerHealth
+from broker_worker.protocol.client import AsyncClient
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import Event, Failed, Job, Usage, WorkerHealth
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 

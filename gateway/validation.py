@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker_worker.errors import ErrorCode, JobError, describe_problems, invalid
-from broker_worker.images import ImageLimits, decode_base64, open_image, strip_data_url
-from broker_worker.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
+from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid
+from broker_worker.protocol.images import ImageLimits, decode_base64, open_image, strip_data_url
+from broker_worker.protocol.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
 from gateway.settings import GatewaySettings
 
 

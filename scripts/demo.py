@@ -82,7 +82,7 @@ def ensure_model() -> tuple[Path, str]:
     target = STATE / "tiny-internvl"
     if not (target / "config.json").exists():
         log("building the tiny random-weight InternVL checkpoint")
-        from broker_worker.tiny_model import make_tiny_model
+        from broker_worker.model.tiny_model import make_tiny_model
 
         make_tiny_model(target)
     return target, "tiny-internvl"

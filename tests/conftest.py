@@ -31,7 +31,7 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_session: Path) -> Path:
-    from broker_worker.tiny_model import make_tiny_model
+    from broker_worker.model.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_session / "tiny-internvl")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from broker_worker.batching import BatchingEngine
-from broker_worker.engine import Finish
-from broker_worker.errors import JobError
-from broker_worker.internvl_engine import InternVLEngine
-from broker_worker.loading import LoadOptions, load
-from broker_worker.messages import Job
+from broker_worker.model.batching import BatchingEngine
+from broker_worker.model.engine import Finish
+from broker_worker.model.internvl_engine import InternVLEngine
+from broker_worker.model.loading import LoadOptions, load
+from broker_worker.protocol.errors import JobError
+from broker_worker.protocol.messages import Job
 from tests.helpers import png_b64
 
 

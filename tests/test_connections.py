@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from broker_worker.connections import parse_sentinel_url, redact
+from broker_worker.protocol.connections import parse_sentinel_url, redact
 from tests.helpers import Proc, RedisServer, end_to_end, free_port
 
 

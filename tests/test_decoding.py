@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from broker_worker.decoding import IncrementalDecoder, control_token_ids
+from broker_worker.model.decoding import IncrementalDecoder, control_token_ids
 
 
 @pytest.fixture(scope="module")

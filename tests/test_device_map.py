@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from broker_worker.device_map import NATIVE_NAMES, REMOTE_NAMES, layers_per_gpu, on_gpus, split_model
+from broker_worker.model.device_map import NATIVE_NAMES, REMOTE_NAMES, layers_per_gpu, on_gpus, split_model
 
 LAYER_COUNTS = [1, 2, 3, 16, 24, 28, 32, 36, 40, 48, 60, 64, 80, 94]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker_worker.decoding import control_token_ids
-from broker_worker.errors import JobError
-from broker_worker.internvl_engine import InternVLEngine
-from broker_worker.loading import CheckpointError, LoadOptions, load
-from broker_worker.messages import Job
+from broker_worker.model.decoding import control_token_ids
+from broker_worker.model.internvl_engine import InternVLEngine
+from broker_worker.model.loading import CheckpointError, LoadOptions, load
+from broker_worker.protocol.errors import JobError
+from broker_worker.protocol.messages import Job
 from tests.helpers import png_b64
 
 
@@ -173,7 +173,7 @@ def test_repeated_images_come_from_the_tile_cache(engine: InternVLEngine) -> Non
 def test_grounding_tokens_survive(engine: InternVLEngine) -> None:
     tok = engine.loaded.tokenizer
     ids = tok("<ref>dog</ref><box>[[1, 2, 3, 4]]</box>")["input_ids"]
-    from broker_worker.decoding import IncrementalDecoder
+    from broker_worker.model.decoding import IncrementalDecoder
 
     decoder = IncrementalDecoder(tok, control_token_ids(tok))
     assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "<ref>dog</ref><box>[[1, 2, 3, 4]]</box>"
@@ -226,7 +226,7 @@ def test_loads_remote_code_checkpoint_and_streams(remote_checkpoint: Path) -> No
 
 @pytest.mark.parametrize("remote", [False, True])
 def test_device_map_names_match_the_loaded_modules(remote: bool, tiny_model: Path, remote_checkpoint: Path) -> None:
-    from broker_worker.device_map import split_model
+    from broker_worker.model.device_map import split_model
 
     loaded = load(LoadOptions(remote_checkpoint if remote else tiny_model))
     modules = {name for name, _ in loaded.model.named_modules()}

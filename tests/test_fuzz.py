@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from broker_worker.errors import JobError
 from broker_worker.job_run import BadEntry, parse_entry
-from broker_worker.messages import EVENT_ADAPTER, ChatMessage, Job, parse_event
-from broker_worker.prompt import CHATML, build_conversation
+from broker_worker.model.prompt import CHATML, build_conversation
+from broker_worker.protocol.errors import JobError
+from broker_worker.protocol.messages import EVENT_ADAPTER, ChatMessage, Job, parse_event
 from gateway.validation import OpenAIChatRequest, SeedRequest, openai_to_prompt
 
 json_values = st.recursive(

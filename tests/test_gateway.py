@@ -345,9 +345,9 @@ def test_schemathesis_finds_no_server_error(start_worker, start_gateway, tmp_pat
 
 
 def test_count_token_is_counted_by_the_model(tiny_stack: str, tiny_model: Path) -> None:
-    from broker_worker.internvl_engine import InternVLEngine
-    from broker_worker.loading import LoadOptions, load
-    from broker_worker.messages import Job
+    from broker_worker.model.internvl_engine import InternVLEngine
+    from broker_worker.model.loading import LoadOptions, load
+    from broker_worker.protocol.messages import Job
 
     engine = InternVLEngine(load(LoadOptions(tiny_model)), "tiny-internvl")
     image = png_b64(800, 600)
@@ -368,7 +368,7 @@ def test_gateway_never_imports_torch() -> None:
     import sys
 
     code = (
-        "import sys, gateway.app, gateway.cli, broker_worker.client; from gateway.app import create_app; "
+        "import sys, gateway.app, gateway.cli, broker_worker.protocol.client; from gateway.app import create_app; "
         "from gateway.settings import GatewaySettings; create_app(GatewaySettings()); "
         "heavy = sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules); print(heavy)"
     )

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from PIL import Image
 
-from tests.helpers import ROOT
-
-sys.path.insert(0, str(ROOT / "ui"))
-from grounding import Box, draw_boxes, find_boxes
+from ui.grounding import Box, draw_boxes, find_boxes
 
 
 def test_find_boxes_with_and_without_labels() -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker_worker import jobs
-from broker_worker.connections import async_redis
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.jobs import JobStore
-from broker_worker.messages import Delta, Done, Job, Usage
+from broker_worker.protocol import jobs
+from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.jobs import JobStore
+from broker_worker.protocol.messages import Delta, Done, Job, Usage
 from tests.helpers import Proc, RedisServer, events, job, submit, text_of, wait_for, wait_terminal
 from tests.test_worker import expected_text, owner_pid
 
@@ -56,11 +56,11 @@ def test_deeply_nested_json_is_dead_lettered_not_redelivered(r: redis.Redis, sta
 
 
 def test_entry_at_the_end_of_the_id_space_does_not_brick_the_queue(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker()
     last_id = f"{2**64 - 1}-{2**64 - 1}"
     r.xadd("ivl:jobs:fake", {"job": json.dumps(job("z", tokens=1))}, id=last_id)
-    with pytest.raises(redis.ResponseError, match="exhausted"):
+    with pytest.raises(redis.ResponseError, match="exhausted"):  # the queue is bricked before a worker sees it
         r.xadd("ivl:jobs:fake", {"job": json.dumps(job("blocked"))})
+    worker = start_worker()
     wait_for(lambda: dead_reasons(r), 20, "the entry dead-lettered")
     assert dead_reasons(r) == ["entry ID at the end of the ID space"]
     wait_for(lambda: not r.xrange("ivl:jobs:fake", last_id, last_id), 10, "the entry removed")

@@ -9,8 +9,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from broker_worker.errors import JobError
-from broker_worker.images import ImageLimits, LruCache, content_key, decode_image, strip_data_url
+from broker_worker.protocol.errors import JobError
+from broker_worker.protocol.images import ImageLimits, LruCache, content_key, decode_image, strip_data_url
 from tests.helpers import png_b64
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from broker_worker import tiling
-from broker_worker.errors import JobError
-from broker_worker.messages import ChatMessage
-from broker_worker.prompt import CHATML, TEMPLATES, build_conversation, expand_images, sanitize, tile_budgets
+from broker_worker.model import tiling
+from broker_worker.model.prompt import CHATML, TEMPLATES, build_conversation, expand_images, sanitize, tile_budgets
+from broker_worker.protocol.errors import JobError
+from broker_worker.protocol.messages import ChatMessage
 
 SIZES = {"a": (800, 600), "b": (640, 480), "c": (1200, 400), "d": (500, 900), "e": (900, 300)}
 

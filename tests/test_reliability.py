@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis
 
-from broker_worker.fake_engine import fake_tokens
-from broker_worker.messages import Job
+from broker_worker.model.fake_engine import fake_tokens
+from broker_worker.protocol.messages import Job
 from tests.helpers import (
     Proc,
     RedisServer,

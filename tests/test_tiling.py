@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from broker_worker import tiling
+from broker_worker.model import tiling
 from tests import seed_reference as seed
 
 MODES = ["RGB", "RGBA", "L", "P", "CMYK"]

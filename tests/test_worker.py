@@ -13,10 +13,10 @@ import time
 import pytest
 import redis
 
-from broker_worker.client import AsyncClient
-from broker_worker.connections import async_redis
-from broker_worker.fake_engine import fake_tokens
-from broker_worker.messages import Job
+from broker_worker.model.fake_engine import fake_tokens
+from broker_worker.protocol.client import AsyncClient
+from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.messages import Job
 from tests.helpers import BIN, ROOT, RedisServer, events, job, submit, text_of, wait_for, wait_terminal
 
 
@@ -263,7 +263,7 @@ def test_check_command(redis_server: RedisServer, r: redis.Redis, start_worker) 
 
 
 def test_blocking_client(redis_server: RedisServer, start_worker) -> None:  # type: ignore[no-untyped-def]
-    from broker_worker.client import Client
+    from broker_worker.protocol.client import Client
 
     start_worker(delay=0.001)
     client = Client(redis_server.url)

@@ -1,6 +1,6 @@
 """Streamlit chat for InternVL behind the gateway: what InternVL's streamlit_demo users know, plus a stop button.
 
-Talks only HTTP to the gateway (the seed protocol), so it also works against InternVL's own workers.
+Talks only HTTP to the gateway (the FastChat worker protocol), so it also works against InternVL's own workers.
 Run: ``streamlit run ui/app.py`` with ``GATEWAY_URL`` (default http://127.0.0.1:8000).
 """
 
@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 import streamlit as st
-from grounding import draw_boxes, find_boxes
 from PIL import Image
+
+from ui.grounding import draw_boxes, find_boxes
 
 GATEWAY = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
 TOKEN = os.environ.get("GATEWAY_API_TOKEN", "")
@@ -27,7 +28,7 @@ def headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"} if TOKEN else {}
 
 
-@st.cache_data(ttl=5)
+@st.cache_data(ttl=5)  # type: ignore[untyped-decorator]  # streamlit's decorators are untyped
 def list_models() -> list[str]:
     try:
         response = httpx.post(f"{GATEWAY}/list_models", headers=headers(), timeout=5)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from broker_worker.messages import FinishReason, Job, Usage
+from broker_worker.protocol.messages import FinishReason, Job, Usage
 
 OnDelta = Callable[[str], None]
 

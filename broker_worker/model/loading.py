@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import torch
 
-from broker_worker.device_map import DeviceMap, on_gpus, split_model
-from broker_worker.prompt import CHATML, TEMPLATES, Template
+from broker_worker.model.device_map import DeviceMap, on_gpus, split_model
+from broker_worker.model.prompt import CHATML, TEMPLATES, Template
 
-log = logging.getLogger("broker_worker.loading")
+log = logging.getLogger("broker_worker.model.loading")
 
 Format = Literal["native", "remote"]
 Device = Literal["cpu", "cuda", "auto"]
@@ -163,7 +163,7 @@ def _load_remote(opts: LoadOptions, config: dict[str, Any], kwargs: dict[str, An
 
     model = AutoModel.from_pretrained(opts.model_path, trust_remote_code=True, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(opts.model_path, trust_remote_code=True, use_fast=False)
-    # Same value for every request, so setting it once at load is not the seed's per-request race.
+    # Same value for every request, so setting it once at load is not InternVL's model worker's per-request race.
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     template = TEMPLATES.get(config.get("template", ""), TEMPLATES["internvl2_5"])
     vision = config.get("vision_config") or {}

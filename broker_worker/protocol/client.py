@@ -17,13 +17,13 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker_worker import constants as c
-from broker_worker import health, jobs
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.jobs import StreamReply
-from broker_worker.messages import Event, Job, WorkerHealth, is_terminal, parse_event
+from broker_worker.protocol import constants as c
+from broker_worker.protocol import health, jobs
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.jobs import StreamReply
+from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 
-log = logging.getLogger("broker_worker.client")
+log = logging.getLogger("broker_worker.protocol.client")
 _RESYNC = "resync"
 
 
@@ -129,7 +129,7 @@ class AsyncClient:
 
     @classmethod
     def from_url(cls, url: str) -> AsyncClient:
-        from broker_worker.connections import async_redis
+        from broker_worker.protocol.connections import async_redis
 
         return cls(async_redis(url))
 
@@ -259,7 +259,7 @@ class Client:
     """Blocking client for scripts: reads a job's replay stream with XREAD BLOCK (no pub/sub needed)."""
 
     def __init__(self, url: str) -> None:
-        from broker_worker.connections import sync_redis
+        from broker_worker.protocol.connections import sync_redis
 
         self.redis: redis.Redis = sync_redis(url, socket_timeout=None)
 

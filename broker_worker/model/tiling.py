@@ -1,4 +1,4 @@
-"""InternVL's dynamic tiling: the seed's functions with byte-identical output, and a faster equivalent.
+"""InternVL's dynamic tiling: InternVL's ``dynamic_preprocess`` pipeline with byte-identical output, and a faster equivalent.
 
 ``build_transform``, ``find_closest_aspect_ratio`` and ``dynamic_preprocess`` keep the signatures of InternVL's
 README helpers so code written against those can switch without a diff. ``tile_image`` returns exactly the tensor
@@ -26,7 +26,7 @@ _RESIZER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resize")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    # The seed drops alpha instead of compositing it; kept on purpose for identical pixels.
+    # InternVL's pipeline drops alpha instead of compositing it; kept on purpose for identical pixels.
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
@@ -45,7 +45,7 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
 def candidate_grids(min_num: int, max_num: int) -> list[Grid]:
     """All (cols, rows) with min_num <= cols*rows <= max_num, ordered by area.
 
-    Built through a set and a stable sort exactly like the seed, so equal-area candidates come in the same order.
+    Built through a set and a stable sort exactly like InternVL's ``find_closest_aspect_ratio``, so equal-area candidates come in the same order.
     """
     ratios = {
         (i, j)
@@ -103,7 +103,7 @@ def _normalize(tiles: np.ndarray) -> torch.Tensor:
 def tile_image(
     image: Image.Image, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
 ) -> torch.Tensor:
-    """``(n_tiles, 3, image_size, image_size)`` float32, equal (``torch.equal``) to the seed's pipeline."""
+    """``(n_tiles, 3, image_size, image_size)`` float32, equal (``torch.equal``) to InternVL's pipeline."""
     width, height = image.size
     cols, rows = choose_grid(width, height, 1, max_num, image_size)
     s = image_size
@@ -111,7 +111,7 @@ def tile_image(
     # resizes are nearly all the time tiling takes.
     thumb = _RESIZER.submit(image.resize, (s, s)) if use_thumbnail and cols * rows != 1 else None
     grid = np.asarray(_to_rgb(image.resize((s * cols, s * rows))))
-    # (rows*s, cols*s, 3) -> (rows, s, cols, s, 3) -> (rows, cols, s, s, 3): row-major tiles like the seed's crops.
+    # (rows*s, cols*s, 3) -> (rows, s, cols, s, 3) -> (rows, cols, s, s, 3): row-major tiles like InternVL's crops.
     tiles = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
     if thumb is not None:
         tiles = np.concatenate([tiles, np.asarray(_to_rgb(thumb.result()))[None]])

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from broker_worker.errors import ErrorCode
-from broker_worker.states import TERMINAL_STATUSES
+from broker_worker.protocol.errors import ErrorCode
+from broker_worker.protocol.states import TERMINAL_STATUSES
 
 # Hard limits a job must respect whoever submits it (the gateway may enforce lower ones).
 MAX_MESSAGES = 256
@@ -34,7 +34,7 @@ def now_ms() -> int:
 
 
 class ChatMessage(BaseModel):
-    """One element of the seed's ``prompt`` list."""
+    """One element of the ``prompt`` list of InternVL's model worker protocol."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -50,7 +50,7 @@ class ChatMessage(BaseModel):
 
 
 class SamplingParams(BaseModel):
-    """The seed payload's generation fields, with the Streamlit app's defaults."""
+    """The generation fields of InternVL's worker request, with the Streamlit app's defaults."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -98,7 +98,7 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
     def with_total(self) -> dict[str, int]:
-        """The usage object HTTP clients get (OpenAI's shape, which FastChat's seed chunks reuse)."""
+        """The usage object HTTP clients get (OpenAI's shape, which FastChat's worker chunks reuse)."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from broker_worker import constants as c
-from broker_worker.messages import WorkerHealth, now_ms
+from broker_worker.protocol import constants as c
+from broker_worker.protocol.messages import WorkerHealth, now_ms
 
 
 async def record(redis: aioredis.Redis, health: WorkerHealth, ttl_s: float) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker_worker import constants as c
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import JOB_ID_PATTERN, Event, Job, parse_event
-from broker_worker.states import JobStatus, Ownership, PublishRefused
+from broker_worker.protocol import constants as c
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
+from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
 
 FENCED = PublishRefused.FENCED
 CANCELLED = PublishRefused.CANCELLED
@@ -24,7 +24,7 @@ StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
 def lua(name: str) -> str:
-    return resources.files("broker_worker").joinpath(f"lua/{name}.lua").read_text()
+    return resources.files("broker_worker.protocol").joinpath(f"lua/{name}.lua").read_text()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from broker_worker.errors import invalid
+from broker_worker.protocol.errors import invalid
 
 _DATA_URL_MARK = ";base64,"
 

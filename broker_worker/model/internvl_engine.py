@@ -16,14 +16,14 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from broker_worker.decoding import IncrementalDecoder, control_token_ids
-from broker_worker.engine import Finish, OnDelta
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.images import DEFAULT_LIMITS, ImageLimits, LruCache, content_key, decode_image
-from broker_worker.loading import LoadedModel
-from broker_worker.messages import FinishReason, Job, Usage
-from broker_worker.prompt import Conversation, build_conversation, expand_images
-from broker_worker.tiling import build_transform, tile_image
+from broker_worker.model.decoding import IncrementalDecoder, control_token_ids
+from broker_worker.model.engine import Finish, OnDelta
+from broker_worker.model.loading import LoadedModel
+from broker_worker.model.prompt import Conversation, build_conversation, expand_images
+from broker_worker.model.tiling import build_transform, tile_image
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.images import DEFAULT_LIMITS, ImageLimits, LruCache, content_key, decode_image
+from broker_worker.protocol.messages import FinishReason, Job, Usage
 
 TILE_CACHE_BYTES = 512 * 1024 * 1024
 PixelStack = tuple[torch.Tensor, list[int]]

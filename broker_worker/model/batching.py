@@ -21,13 +21,13 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from broker_worker.decoding import IncrementalDecoder
-from broker_worker.engine import Finish, OnDelta
-from broker_worker.errors import JobError
-from broker_worker.internvl_engine import InternVLEngine, Prepared
-from broker_worker.messages import Job
+from broker_worker.model.decoding import IncrementalDecoder
+from broker_worker.model.engine import Finish, OnDelta
+from broker_worker.model.internvl_engine import InternVLEngine, Prepared
+from broker_worker.protocol.errors import JobError
+from broker_worker.protocol.messages import Job
 
-log = logging.getLogger("broker_worker.batching")
+log = logging.getLogger("broker_worker.model.batching")
 SamplingKey = tuple[bool, float, float, float]
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from broker_worker.errors import invalid
-from broker_worker.messages import ChatMessage
+from broker_worker.protocol.errors import invalid
+from broker_worker.protocol.messages import ChatMessage
 
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"

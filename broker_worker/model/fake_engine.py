@@ -8,9 +8,9 @@ from __future__ import annotations
 import threading
 import time
 
-from broker_worker.engine import Finish, OnDelta
-from broker_worker.errors import ErrorCode, JobError
-from broker_worker.messages import Job, Usage
+from broker_worker.model.engine import Finish, OnDelta
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import Job, Usage
 
 
 def question_of(job: Job) -> str:
