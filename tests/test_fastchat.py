@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker_worker.errors import JobError
 from gateway.fastchat_conv import conv_template, parse_prompt
@@ -97,6 +99,21 @@ def test_strings_that_are_not_a_rendered_chat_are_typed_errors(prompt: str, imag
     assert caught.value.code == 40001 and cause in caught.value.message
 
 
+PARTS = ["<|im_start|>", "<|im_end|>\n", "system\n", "user: ", "assistant: ", "user:", "assistant:", "$$<image>$$", "x"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PARTS), max_size=12).map("".join) | st.text(max_size=60), st.integers(0, 3))
+def test_any_string_parses_or_is_a_typed_error(prompt: str, images: int) -> None:
+    try:
+        messages = parse_prompt(prompt, ["data:image/png;base64,aGk="] * images)
+    except JobError as exc:
+        assert exc.code == 40001
+        return
+    assert messages[-1].role == "assistant" and messages[-1].content is None
+    assert sum(len(m.image) for m in messages) == images
+
+
 @pytest.fixture
 def fake_stack(start_worker, start_gateway) -> str:  # type: ignore[no-untyped-def]
     start_worker(delay=0.001)
@@ -112,12 +129,25 @@ def test_fastchat_request_stops_echoes_and_answers_both_ways(fake_stack: str) ->
     assert (last["text"], last["finish_reason"], last["error_code"]) == ("t0:6 t1:6 t2:6 ", "stop", 0)
     one = httpx.post(fake_stack + "/worker_generate", json=body, timeout=30).json()
     assert (one["text"], one["finish_reason"]) == ("t0:6 t1:6 t2:6 ", "stop")
-    echoed = httpx.post(fake_stack + "/worker_generate", json=fastchat_request(echo=True, stop="t1:"), timeout=30)
-    assert echoed.json()["text"] == SAY_HI + "t0:6 "
+    echo = fastchat_request(echo=True, stop="t1:")
+    assert httpx.post(fake_stack + "/worker_generate", json=echo, timeout=30).json()["text"] == SAY_HI + "t0:6 "
+    streamed = chunks(httpx.post(fake_stack + "/worker_generate_stream", json=echo, timeout=30).content)
+    assert [c["text"] for c in streamed][-1] == SAY_HI + "t0:6 "
+    assert all(c["text"].startswith(SAY_HI) for c in streamed)
     # FastChat's model worker echoes when echo is left out
     default = fastchat_request(stop="t1:")
     del default["echo"]
     assert httpx.post(fake_stack + "/worker_generate", json=default, timeout=30).json()["text"] == SAY_HI + "t0:6 "
+
+
+def test_count_token_counts_the_rendered_chat_as_the_conversation_it_is(fake_stack: str) -> None:
+    def count(prompt: object) -> int:
+        body = httpx.post(fake_stack + "/count_token", json={"model": "fake", "prompt": prompt}, timeout=30).json()
+        return int(body["count"])
+
+    # the fake engine counts the question's characters: "Say hi" is 6, however the chat arrives
+    assert count(SAY_HI) == count([{"role": "user", "content": "Say hi"}]) == 6
+    assert count("not a rendered chat") == len("not a rendered chat")  # any other string: one user message
 
 
 def test_fastchat_parameters_that_cannot_be_honoured_are_refused(fake_stack: str) -> None:
