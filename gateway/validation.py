@@ -94,7 +94,10 @@ class CountRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=200)
-    prompt: str | list[ChatMessage] = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: (
+        Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
+    )
 
 
 class OpenAIImageUrl(BaseModel):
