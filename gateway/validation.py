@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 
 from broker_worker.errors import ErrorCode, JobError, describe_problems, invalid
 from broker_worker.images import ImageLimits, decode_base64, open_image, strip_data_url
@@ -42,6 +42,19 @@ FASTCHAT_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
 }
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+_MESSAGES: TypeAdapter[list[ChatMessage]] = TypeAdapter(
+    Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+)
+_RENDERED: TypeAdapter[str] = TypeAdapter(Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)])
+
+
+def _prompt(value: Any) -> list[ChatMessage] | str:
+    """The form is picked by type, so a bad prompt gets its own form's errors at their own place
+    (``prompt.0.image``), not both union branches' under their type names."""
+    return _RENDERED.validate_python(value) if isinstance(value, str) else _MESSAGES.validate_python(value)
+
+
+Prompt = Annotated[list[ChatMessage] | str, PlainValidator(_prompt, json_schema_input_type=list[ChatMessage] | str)]
 
 
 class SeedRequest(BaseModel):
@@ -57,10 +70,7 @@ class SeedRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=200)
-    prompt: (
-        Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-        | Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-    )
+    prompt: Prompt
     job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent)")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
