@@ -53,7 +53,7 @@ class WorkerSettings(RedisSettings):
     log_level: str = Field(default="INFO")
 
     def resolved_model_name(self) -> str:
-        """InternVL's model worker's rule: the last path part, or ``<parent>_<last>`` for ``checkpoint-N`` directories."""
+        """InternVL's worker's rule: the last path part, or ``<parent>_<last>`` for ``checkpoint-N`` directories."""
         if self.model_name:
             return self.model_name
         if self.model_path is None:

@@ -15,7 +15,7 @@ from broker_worker.protocol.messages import Job, SamplingParams, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
-from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt
+from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, stop_list
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -30,6 +30,7 @@ async def models(service: Service) -> dict[str, object]:
 @router.post("/chat/completions")
 async def chat_completions(request: OpenAIChatRequest, service: Service) -> Response:
     try:
+        refuse_unsupported(request)
         params = SamplingParams(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -39,7 +40,9 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
             max_input_tiles=request.max_input_tiles,
             repetition_penalty=request.repetition_penalty,
         )
-        job = build_job(request.model, openai_to_prompt(request), params, service.settings)
+        job = build_job(
+            request.model, openai_to_prompt(request), params, service.settings, stop=stop_list(request.stop)
+        )
         await service.admit(job.model)
     except JobError as exc:
         service.metrics.requests.labels("chat_completions", "refused").inc()
@@ -49,6 +52,16 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(_sse(service, job, include_usage), media_type="text/event-stream")
     return await _complete(service, job)
+
+
+def refuse_unsupported(request: OpenAIChatRequest) -> None:
+    """What this API cannot honour is refused, never silently dropped."""
+    if request.n > 1:
+        raise JobError(
+            ErrorCode.PARAM_OUT_OF_RANGE, f"n: {request.n} choices asked; one per request here (send {request.n})"
+        )
+    if request.logprobs:
+        raise JobError(ErrorCode.PARAM_OUT_OF_RANGE, "logprobs: this gateway's workers return no log probabilities")
 
 
 async def _complete(service: GatewayService, job: Job) -> Response:
@@ -74,13 +87,15 @@ async def _complete(service: GatewayService, job: Job) -> Response:
 
 
 async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
+        """One SSE event; ``delta=None`` is OpenAI's usage chunk, whose ``choices`` is empty."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         body = {
             "id": f"chatcmpl-{job.id}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": job.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": choices,
             **extra,
         }
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
@@ -93,7 +108,7 @@ async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncI
             elif event.type == "done":
                 yield chunk({}, event.finish_reason)
                 if include_usage:
-                    yield chunk({}, None, usage=event.usage.with_total())
+                    yield chunk(None, usage=event.usage.with_total())
             elif event.type == "cancelled":
                 yield chunk({}, "cancelled")
             elif event.type == "failed":

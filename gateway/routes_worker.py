@@ -1,4 +1,5 @@
-"""The seed worker's HTTP protocol: what InternVL's Streamlit app, api.py and the controller call."""
+"""The seed worker's HTTP protocol: what InternVL's Streamlit app, api.py and the controller call, and what
+FastChat's openai_api_server calls on a model worker."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import ChatMessage, Job, SamplingParams
+from broker_worker.protocol.messages import Job, SamplingParams
 from gateway.deps import get_service
 from gateway.errors import seed_error
+from gateway.fastchat_conv import conv_template
 from gateway.seed_stream import seed_chunks
 from gateway.service import GatewayService
-from gateway.validation import CountRequest, SeedRequest, build_job
+from gateway.validation import CountRequest, SeedRequest, build_job, count_prompt, worker_job
 
 router = APIRouter(tags=["worker protocol"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -26,12 +28,23 @@ EXAMPLE = {
     "max_input_tiles": 12,
     "repetition_penalty": 1.1,
 }
-SeedBody = Annotated[SeedRequest, Body(examples=[EXAMPLE])]
+FASTCHAT_EXAMPLE = {
+    "model": "tiny-internvl",
+    "prompt": "<|im_start|>system\n<|im_end|>\n<|im_start|>user: Hello<|im_end|>\n<|im_start|>assistant:",
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "top_k": -1,
+    "max_new_tokens": 64,
+    "echo": False,
+    "stop": [],
+    "stop_token_ids": None,
+}
+SeedBody = Annotated[SeedRequest, Body(examples=[EXAMPLE, FASTCHAT_EXAMPLE])]
 JsonBody = Annotated[dict[str, Any], Body()]
 
 
 async def _prepare(service: GatewayService, request: SeedRequest) -> Job:
-    job = build_job(request.model, request.prompt, request, service.settings, request.job_id)
+    job = worker_job(request, service.settings)
     await service.admit(job.model)
     return job
 
@@ -51,7 +64,9 @@ async def worker_generate_stream(body: SeedBody, service: Service) -> Response:
         return seed_error(exc)
     service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
     return StreamingResponse(
-        seed_chunks(service.run(job), job.id), media_type="application/octet-stream", headers={"X-Job-Id": job.id}
+        seed_chunks(service.run(job), job.id, body.echo_text),
+        media_type="application/octet-stream",
+        headers={"X-Job-Id": job.id},
     )
 
 
@@ -65,7 +80,8 @@ async def worker_generate(body: SeedBody, service: Service) -> Response:
         return seed_error(exc)
     if outcome.failed is not None:
         return JSONResponse({"text": outcome.failed.message, "error_code": outcome.failed.error_code, "job_id": job.id})
-    last: dict[str, Any] = {"text": outcome.text, "error_code": 0, "finish_reason": outcome.finish_reason}
+    text = body.echo_text + outcome.text
+    last: dict[str, Any] = {"text": text, "error_code": 0, "finish_reason": outcome.finish_reason}
     if outcome.usage is not None:
         last["usage"] = outcome.usage.with_total()
     return JSONResponse(last | {"job_id": job.id})
@@ -80,7 +96,7 @@ async def worker_get_status(service: Service) -> dict[str, object]:
 async def count_token(body: Annotated[CountRequest, Body()], service: Service) -> Response:
     """Prompt tokens as the model sees them (template, images expanded), counted by a worker of the model."""
     try:
-        prompt = body.prompt if isinstance(body.prompt, list) else [ChatMessage(role="user", content=body.prompt)]
+        prompt = count_prompt(body.prompt)
         job = build_job(body.model, prompt, SamplingParams(max_new_tokens=1), service.settings).model_copy(
             update={"count_only": True}
         )
@@ -91,6 +107,14 @@ async def count_token(body: Annotated[CountRequest, Body()], service: Service) -
     except JobError as exc:
         return seed_error(exc)
     return JSONResponse({"count": outcome.usage.prompt_tokens if outcome.usage else 0, "error_code": 0})
+
+
+@router.post("/worker_get_conv_template")
+async def worker_get_conv_template(body: JsonBody | None = None) -> dict[str, object]:
+    """FastChat's conversation dict; its openai_api_server renders chats with it into a string prompt, which
+    ``/worker_generate_stream`` parses back into the same conversation (gateway/fastchat_conv.py). One
+    template for every model: each model's own chat template is applied by its workers, after the parse."""
+    return {"conv": conv_template()}
 
 
 @router.post("/model_details")

@@ -11,13 +11,13 @@ from broker_worker.protocol.messages import Event
 from gateway.errors import seed_chunk
 
 
-async def seed_chunks(events: AsyncIterator[Event], job_id: str) -> AsyncIterator[bytes]:
+async def seed_chunks(events: AsyncIterator[Event], job_id: str, echo: str = "") -> AsyncIterator[bytes]:
     """The last chunk carries ``finish_reason`` and ``usage``, or a non-zero ``error_code`` with the cause.
 
     Every chunk also carries ``job_id`` and ``seq``, so a client that loses the connection can resume with
-    ``GET /jobs/{job_id}/stream?after={seq}``.
+    ``GET /jobs/{job_id}/stream?after={seq}``. ``echo`` (FastChat's echo: the prompt) starts every text.
     """
-    text = ""
+    text = echo
     try:
         async for event in events:
             if event.type == "delta":

@@ -1,4 +1,5 @@
-"""Requests in, jobs out: the seed payload and OpenAI chat messages become a ``Job`` within the gateway's limits.
+"""Requests in, jobs out: the worker protocol's request (InternVL's or FastChat's form) and OpenAI chat messages
+become a ``Job`` within the gateway's limits.
 
 Images are checked here (base64, format, header size) so bad input is refused in milliseconds with a typed
 error, before anything is queued. Only the header is parsed: a decompression bomb is never decompressed.
@@ -7,24 +8,94 @@ error, before anything is queued. Only the header is parsed: a decompression bom
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 
 from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid
 from broker_worker.protocol.images import ImageLimits, decode_base64, open_image, strip_data_url
-from broker_worker.protocol.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
+from broker_worker.protocol.messages import (
+    JOB_ID_PATTERN,
+    MAX_CONTENT_CHARS,
+    MAX_IMAGE_B64_CHARS,
+    MAX_IMAGES_PER_JOB,
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    ChatMessage,
+    Job,
+    SamplingParams,
+)
+from gateway.fastchat_conv import parse_prompt
 from gateway.settings import GatewaySettings
 
+#: A string prompt holds a whole rendered chat (every turn's text, no image data).
+MAX_PROMPT_CHARS = 4_000_000
+#: ``fastchat.serve.inference.generate_stream``'s defaults: what FastChat's model worker uses for a parameter
+#: a string-prompt request leaves out (top_k -1: off). Echo too defaults to on there.
+FASTCHAT_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "max_new_tokens": 256,
+    "repetition_penalty": 1.0,
+}
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+_MESSAGES: TypeAdapter[list[ChatMessage]] = TypeAdapter(
+    Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+)
+_RENDERED: TypeAdapter[str] = TypeAdapter(Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)])
 
-class SeedRequest(SamplingParams):
-    """Body of ``/worker_generate_stream`` as InternVL's Streamlit app and api.py send it."""
+
+def _prompt(value: Any) -> list[ChatMessage] | str:
+    """The form is picked by type, so a bad prompt gets its own form's errors at their own place
+    (``prompt.0.image``), not both union branches' under their type names."""
+    return _RENDERED.validate_python(value) if isinstance(value, str) else _MESSAGES.validate_python(value)
+
+
+Prompt = Annotated[list[ChatMessage] | str, PlainValidator(_prompt, json_schema_input_type=list[ChatMessage] | str)]
+
+
+class SeedRequest(BaseModel):
+    """Body of ``/worker_generate_stream`` and ``/worker_generate``, in either of two forms.
+
+    InternVL's (its Streamlit app, api.py): ``prompt`` is a list of messages, images inside them; parameters the
+    request leaves out take the Streamlit app's defaults. FastChat's model-worker request (its
+    openai_api_server): ``prompt`` is a chat rendered with ``/worker_get_conv_template``, ``images`` are data URLs
+    for its ``$$<image>$$`` placeholders, and parameters left out take FastChat's model worker's defaults.
+    ``presence_penalty`` and ``frequency_penalty`` are accepted and ignored, as FastChat's model worker does.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=200)
-    prompt: list[ChatMessage] = Field(min_length=1, max_length=256)
+    prompt: Prompt
     job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent)")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0: off")
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_input_tiles: int = Field(default=12, ge=1, le=64)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    images: list[Annotated[str, Field(max_length=MAX_IMAGE_B64_CHARS + 100)]] = Field(
+        default_factory=list, max_length=MAX_IMAGES_PER_JOB, description="data URLs (string prompt only)"
+    )
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
+    stop_token_ids: list[int] | None = None
+    echo: bool | None = Field(default=None, description="string prompt: text starts with it (default: on)")
+    logprobs: bool | int | None = Field(default=None, description="not available: any value but null is refused")
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @property
+    def fastchat(self) -> bool:
+        return isinstance(self.prompt, str)
+
+    @property
+    def echo_text(self) -> str:
+        """What the answer's text starts with: the string prompt itself when echo is on (FastChat's default)."""
+        return self.prompt if isinstance(self.prompt, str) and self.echo is not False else ""
 
 
 class CountRequest(BaseModel):
@@ -33,7 +104,10 @@ class CountRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=200)
-    prompt: str | list[ChatMessage] = Field(max_length=200_000)
+    prompt: (
+        Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
+    )
 
 
 class OpenAIImageUrl(BaseModel):
@@ -70,11 +144,64 @@ class OpenAIChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     max_input_tiles: int = Field(default=12, ge=1, le=64)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, description="only 1: more is refused with 40302")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
+    logprobs: bool | None = Field(default=None, description="not available: true is refused with 40302")
 
 
 def validation_error(exc: ValidationError) -> JobError:
     return invalid(f"invalid request: {describe_problems(exc.errors(), empty='body')}")
+
+
+def worker_job(request: SeedRequest, settings: GatewaySettings) -> Job:
+    """The job for either form of the worker protocol's request (see ``SeedRequest``)."""
+    if request.logprobs is not None and request.logprobs is not False:
+        raise JobError(ErrorCode.PARAM_OUT_OF_RANGE, "logprobs: this gateway's workers return no log probabilities")
+    if isinstance(request.prompt, str):
+        prompt = parse_prompt(request.prompt, request.images)
+    elif request.images:
+        raise invalid("images: only with a string prompt; InternVL's list prompt has each message's own 'image'")
+    elif request.echo:
+        raise invalid("echo: only a string prompt can be echoed")
+    else:
+        prompt = request.prompt
+    given = request.model_dump(include=set(SamplingParams.model_fields), exclude_none=True)
+    values = (FASTCHAT_DEFAULTS | given) if request.fastchat else given
+    if request.fastchat:
+        # FastChat sends the context's room when its client sets no max_tokens: capped, and "length" says so.
+        values["max_new_tokens"] = min(values["max_new_tokens"], settings.max_new_tokens, MAX_NEW_TOKENS)
+    try:
+        params = SamplingParams(**values)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+    return build_job(
+        request.model,
+        prompt,
+        params,
+        settings,
+        request.job_id,
+        stop=stop_list(request.stop),
+        stop_token_ids=request.stop_token_ids or [],
+    )
+
+
+def count_prompt(prompt: str | list[ChatMessage]) -> list[ChatMessage]:
+    """``/count_token``'s prompt: a list, a chat rendered with our template (images uncounted: FastChat sends
+    none), or any other string as one user message."""
+    if isinstance(prompt, list):
+        return prompt
+    try:
+        return parse_prompt(prompt, None)
+    except JobError:
+        if len(prompt) > MAX_CONTENT_CHARS:
+            raise
+        return [ChatMessage(role="user", content=prompt)]
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's and FastChat's ``stop`` (a string or a list) as a list without empty strings or repeats."""
+    given = [stop] if isinstance(stop, str) else stop or []
+    return list(dict.fromkeys(s for s in given if s))
 
 
 def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
@@ -82,7 +209,8 @@ def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
     for message in request.messages:
         role = "system" if message.role == "developer" else message.role
         if isinstance(message.content, list):
-            text = "".join(p.text or "" for p in message.content if p.type == "text")
+            # joined as FastChat's openai_api_server joins them, so both paths give the model the same text
+            text = "\n".join(p.text or "" for p in message.content if p.type == "text")
             images = [_data_url(p.image_url.url) for p in message.content if p.type == "image_url" and p.image_url]
         else:
             text, images = message.content or "", []
@@ -97,11 +225,19 @@ def _data_url(url: str) -> str:
 
 
 def build_job(
-    model: str, prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings, job_id: str | None = None
+    model: str,
+    prompt: list[ChatMessage],
+    params: SamplingParams,
+    settings: GatewaySettings,
+    job_id: str | None = None,
+    *,
+    stop: list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
 ) -> Job:
     check_limits(prompt, params, settings)
     deadline_ms = int((time.time() + settings.start_timeout_s) * 1000)
     fields: dict[str, Any] = params.model_dump(include=set(SamplingParams.model_fields))
+    fields.update(stop=stop or [], stop_token_ids=stop_token_ids or [])
     if job_id:
         fields["id"] = job_id
     try:

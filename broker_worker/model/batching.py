@@ -3,10 +3,10 @@
 ``BatchingEngine`` keeps the ``Engine`` interface: each job's ``generate()`` (on its own executor thread)
 prepares its prompt, queues itself and blocks until *its* row is finished, streaming its own deltas meanwhile.
 One batching thread takes the waiting requests, groups those whose sampling settings match (transformers
-samples a whole batch with one temperature / top_p / repetition penalty), left-pads them and runs them
-together. Each row stops on its own (EOS, its own ``max_new_tokens``, its cancel flag) through a per-row
-stopping criterion; a finished row's job returns at once while the rest of the batch goes on. Jobs that
-arrive while a batch runs wait for the next one (static batching).
+samples a whole batch with one temperature / top_p / top_k / repetition penalty and one set of end token
+ids), left-pads them and runs them together. Each row stops on its own (EOS, its own ``max_new_tokens``, its
+cancel flag or stop string) through a per-row stopping criterion; a finished row's job returns at once while
+the rest of the batch goes on. Jobs that arrive while a batch runs wait for the next one (static batching).
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from transformers.generation.streamers import BaseStreamer
 from broker_worker.model.decoding import IncrementalDecoder
 from broker_worker.model.engine import Finish, OnDelta
 from broker_worker.model.internvl_engine import InternVLEngine, Prepared
+from broker_worker.model.stops import generate_with_stops
 from broker_worker.protocol.errors import JobError
 from broker_worker.protocol.messages import Job
 
 log = logging.getLogger("broker_worker.model.batching")
-SamplingKey = tuple[bool, float, float, float]
+# Everything ``model.generate`` applies to a whole batch: sampling, top-k, and the end token ids.
+SamplingKey = tuple[bool, float, float, float, int | None, tuple[int, ...]]
 
 
 @dataclass
@@ -46,7 +48,15 @@ class _Row:
     @property
     def sampling(self) -> SamplingKey:
         j = self.job
-        return (j.temperature > 0, j.temperature if j.temperature > 0 else 0.0, j.top_p, j.repetition_penalty)
+        sampled = j.temperature > 0
+        return (
+            sampled,
+            j.temperature if sampled else 0.0,
+            j.top_p,
+            j.repetition_penalty,
+            j.top_k if sampled else None,
+            tuple(sorted(set(j.stop_token_ids))),
+        )
 
     def end(self, reason: str) -> None:
         if self.finish is None:
@@ -111,6 +121,11 @@ class BatchingEngine:
         return self.inner.count_tokens(job)
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
+        return generate_with_stops(
+            job, answer_prefix, cancel, on_delta, lambda flag, out: self._generate(job, answer_prefix, flag, out)
+        )
+
+    def _generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         prepared = self.inner.prepare(job, answer_prefix)  # bad input fails here, in the job's own thread
         decoder = IncrementalDecoder(self.inner.loaded.tokenizer, self.inner.skip_ids)
         row = _Row(job, prepared, cancel, on_delta, decoder)
@@ -163,7 +178,7 @@ class BatchingEngine:
             attention_mask,
             torch.cat(pixels) if pixels else None,
             max(r.prepared.max_new_tokens for r in rows),
-            _RowStreamer(rows, engine.eos_ids),
+            _RowStreamer(rows, engine.stop_ids(rows[0].job)),  # rows of a batch share their stop token ids
             _RowStopper(rows),
         )
 

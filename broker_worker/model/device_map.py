@@ -1,9 +1,10 @@
-"""Multi-GPU device maps for InternVL: InternVL's ``split_model`` layout (its model worker's), computed from the config, bugs fixed.
+"""Multi-GPU device maps for InternVL: InternVL's ``split_model`` layout, computed from the config, bugs fixed.
 
 Layout: the vision model, projector, embeddings, final norm, rotary embedding, lm_head and the *last* LLM layer
 sit on GPU 0 (so the first and last LLM steps share a device); GPU 0 counts as ``1 - vit_alpha`` of a GPU because
-the vision model lives there too. Unlike InternVL's ``split_model``, every layer is mapped exactly once (no phantom keys from
-``ceil``), the other GPUs are balanced within one layer and none is left empty when layers >= 2 * GPUs.
+the vision model lives there too. Unlike InternVL's ``split_model``, every layer is mapped exactly once (no
+phantom keys from ``ceil``), the other GPUs are balanced within one layer and none is left empty when
+layers >= 2 * GPUs.
 """
 
 from __future__ import annotations

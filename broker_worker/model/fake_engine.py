@@ -9,6 +9,7 @@ import threading
 import time
 
 from broker_worker.model.engine import Finish, OnDelta
+from broker_worker.model.stops import generate_with_stops
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Job, Usage
 
@@ -34,6 +35,11 @@ class FakeEngine:
         return len(question_of(job))
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
+        return generate_with_stops(
+            job, answer_prefix, cancel, on_delta, lambda flag, out: self._generate(job, answer_prefix, flag, out)
+        )
+
+    def _generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         question = question_of(job)
         if question.startswith("fail:"):
             raise JobError(ErrorCode.INTERNAL_ERROR, f"fake engine asked to fail: {question}")

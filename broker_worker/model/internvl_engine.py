@@ -20,6 +20,7 @@ from broker_worker.model.decoding import IncrementalDecoder, control_token_ids
 from broker_worker.model.engine import Finish, OnDelta
 from broker_worker.model.loading import LoadedModel
 from broker_worker.model.prompt import Conversation, build_conversation, expand_images
+from broker_worker.model.stops import generate_with_stops
 from broker_worker.model.tiling import build_transform, tile_image
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.images import DEFAULT_LIMITS, ImageLimits, LruCache, content_key, decode_image
@@ -93,6 +94,11 @@ class InternVLEngine:
         self._stacks: LruCache[PixelStack] = LruCache(TILE_CACHE_BYTES, lambda s: tensor_bytes(s[0]))
 
     def generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
+        return generate_with_stops(
+            job, answer_prefix, cancel, on_delta, lambda flag, out: self._generate(job, answer_prefix, flag, out)
+        )
+
+    def _generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
         prepared = self.prepare(job, answer_prefix)
         decoder = IncrementalDecoder(self.loaded.tokenizer, self.skip_ids)
         streamer = _DeltaStreamer(decoder, on_delta)
@@ -105,11 +111,15 @@ class InternVLEngine:
             streamer,
             _CancelCriteria(cancel),
         )
-        reason: FinishReason = "stop" if streamer.last_id in self.eos_ids else "length"
+        reason: FinishReason = "stop" if streamer.last_id in self.stop_ids(job) else "length"
         return Finish(reason, prepared.usage(decoder.count))
 
     def count_tokens(self, job: Job) -> int:
         return int(self.prepare(job).input_ids.shape[1])
+
+    def stop_ids(self, job: Job) -> frozenset[int]:
+        """The model's end tokens and the job's own ``stop_token_ids``."""
+        return self.eos_ids | frozenset(job.stop_token_ids)
 
     def prepare(self, job: Job, answer_prefix: str = "") -> Prepared:
         conversation = build_conversation(job.prompt, job.max_input_tiles)
@@ -175,13 +185,15 @@ class InternVLEngine:
             "do_sample": job.temperature > 0,
             "num_beams": 1,
             "repetition_penalty": job.repetition_penalty,
-            "eos_token_id": sorted(self.eos_ids),
+            "eos_token_id": sorted(self.stop_ids(job)),
             "pad_token_id": self.pad_id(),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([stopping]),
         }
         if job.temperature > 0:
             kwargs.update(temperature=job.temperature, top_p=job.top_p)
+            if job.top_k is not None:  # None keeps the checkpoint's generation config; 0 turns top-k off
+                kwargs["top_k"] = max(job.top_k, 0)
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values.to(model.device, dtype=next(model.parameters()).dtype)
         try:

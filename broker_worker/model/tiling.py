@@ -1,4 +1,4 @@
-"""InternVL's dynamic tiling: InternVL's ``dynamic_preprocess`` pipeline with byte-identical output, and a faster equivalent.
+"""InternVL's dynamic tiling: its ``dynamic_preprocess`` pipeline with byte-identical output, and a faster equivalent.
 
 ``build_transform``, ``find_closest_aspect_ratio`` and ``dynamic_preprocess`` keep the signatures of InternVL's
 README helpers so code written against those can switch without a diff. ``tile_image`` returns exactly the tensor
@@ -45,7 +45,8 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
 def candidate_grids(min_num: int, max_num: int) -> list[Grid]:
     """All (cols, rows) with min_num <= cols*rows <= max_num, ordered by area.
 
-    Built through a set and a stable sort exactly like InternVL's ``find_closest_aspect_ratio``, so equal-area candidates come in the same order.
+    Built through a set and a stable sort exactly like InternVL's ``dynamic_preprocess``, so equal-area candidates
+    come in the same order.
     """
     ratios = {
         (i, j)

@@ -20,6 +20,8 @@ MAX_CONTENT_CHARS = 200_000
 MAX_IMAGES_PER_JOB = 32
 MAX_IMAGE_B64_CHARS = 28_000_000  # ~20 MB decoded
 MAX_NEW_TOKENS = 16_384
+MAX_STOPS = 16  # stop strings, and stop token ids, per job
+MAX_STOP_CHARS = 256
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,80}$"
 
 Role = Literal["system", "user", "assistant"]
@@ -59,6 +61,8 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(default=1024, ge=1, le=MAX_NEW_TOKENS)
     max_input_tiles: int = Field(default=12, ge=1, le=64)
     repetition_penalty: float = Field(default=1.1, gt=0.0, le=10.0)
+    #: Sample from the k likeliest tokens; None keeps the model's own setting, 0 or -1 turns top-k off.
+    top_k: int | None = Field(default=None, ge=-1)
 
 
 class Job(SamplingParams):
@@ -72,6 +76,13 @@ class Job(SamplingParams):
     created_ms: int = Field(default_factory=now_ms)
     #: Only count the prompt's tokens (images included): the job ends with ``done`` and usage, nothing generated.
     count_only: bool = False
+    #: Generation ends at the first of these strings; the text is published up to it, without it (OpenAI's and
+    #: FastChat's ``stop``).
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOPS
+    )
+    #: Token ids that end generation besides the model's own end tokens (FastChat's ``stop_token_ids``).
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOPS)
 
     @field_validator("prompt")
     @classmethod
