@@ -59,16 +59,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
 
-    options = LoadOptions(
-        settings.model_path,
-        settings.device,
-        settings.gpu_list(),
-        settings.load_8bit,
-        settings.load_4bit,
-        settings.vit_alpha,
-    )
     try:
-        loaded = load(options)
+        loaded = load(LoadOptions.from_settings(settings))
     except CheckpointError as exc:
         raise SystemExit(f"broker-worker: cannot serve {settings.model_path}: {exc}") from exc
     engine = InternVLEngine(loaded, settings.resolved_model_name())

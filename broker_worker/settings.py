@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker_worker.protocol import constants as c
 
+#: Where a worker runs its model: ``auto`` splits it over the visible GPUs.
+Device = Literal["cpu", "cuda", "auto"]
+
 
 class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
@@ -26,7 +29,7 @@ class WorkerSettings(RedisSettings):
 
     model_path: Path | None = Field(default=None, description="local checkpoint directory (native -hf or remote code)")
     model_name: str | None = Field(default=None, description="name clients ask for; default: from the path")
-    device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="auto = split over the visible GPUs")
+    device: Device = Field(default="cpu", description="auto = split over the visible GPUs")
     gpus: str | None = Field(default=None, description="GPU subset for this worker, e.g. 0,1")
     vit_alpha: float = Field(default=0.5, ge=0.0, lt=1.0, description="share of GPU 0 taken by the vision model")
     load_8bit: bool = Field(default=False, description="bitsandbytes 8-bit weights (CUDA only)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +17,11 @@ import torch
 
 from broker_worker.model.device_map import DeviceMap, on_gpus, split_model
 from broker_worker.model.prompt import CHATML, TEMPLATES, Template
+from broker_worker.settings import Device, WorkerSettings
 
 log = logging.getLogger("broker_worker.model.loading")
 
 Format = Literal["native", "remote"]
-Device = Literal["cpu", "cuda", "auto"]
 _BROKEN_REMOTE_LLMS = {"InternLM2ForCausalLM": "InternLM2", "Phi3ForCausalLM": "Phi3"}
 
 
@@ -32,14 +32,28 @@ class CheckpointError(RuntimeError):
 @dataclass(frozen=True)
 class LoadOptions:
     model_path: Path
+    _: KW_ONLY
     device: Device = "cpu"
     gpus: tuple[int, ...] | None = None
     load_8bit: bool = False
     load_4bit: bool = False
     vit_alpha: float = 0.5
 
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> LoadOptions:
+        if settings.model_path is None:
+            raise CheckpointError("no --model-path given (or --fake-engine for the fake model)")
+        return cls(
+            settings.model_path,
+            device=settings.device,
+            gpus=settings.gpu_list(),
+            load_8bit=settings.load_8bit,
+            load_4bit=settings.load_4bit,
+            vit_alpha=settings.vit_alpha,
+        )
 
-@dataclass
+
+@dataclass(kw_only=True)
 class LoadedModel:
     model: Any
     tokenizer: Any
@@ -145,16 +159,16 @@ def _load_native(opts: LoadOptions, kwargs: dict[str, Any]) -> LoadedModel:
     cfg = model.config
     image_size = _side(cfg.vision_config.image_size)
     return LoadedModel(
-        model,
-        tokenizer,
-        "native",
-        CHATML,
-        image_size,
-        True,
-        True,
-        int(cfg.image_seq_length),
-        _context_len(cfg.text_config),
-        str(model.device),
+        model=model,
+        tokenizer=tokenizer,
+        format="native",
+        template=CHATML,
+        image_size=image_size,
+        use_thumbnail=True,
+        dynamic_image_size=True,
+        tokens_per_tile=int(cfg.image_seq_length),
+        context_len=_context_len(cfg.text_config),
+        device=str(model.device),
     )
 
 
@@ -171,16 +185,16 @@ def _load_remote(opts: LoadOptions, config: dict[str, Any], kwargs: dict[str, An
     patch = _side(vision.get("patch_size") or 14)
     tokens = int((image_size // patch) ** 2 * float(config.get("downsample_ratio", 0.5)) ** 2)
     return LoadedModel(
-        model,
-        tokenizer,
-        "remote",
-        template,
-        image_size,
-        bool(config.get("use_thumbnail", True)),
-        bool(config.get("dynamic_image_size", True)),
-        tokens,
-        _context_len(model.language_model.config),
-        str(model.device),
+        model=model,
+        tokenizer=tokenizer,
+        format="remote",
+        template=template,
+        image_size=image_size,
+        use_thumbnail=bool(config.get("use_thumbnail", True)),
+        dynamic_image_size=bool(config.get("dynamic_image_size", True)),
+        tokens_per_tile=tokens,
+        context_len=_context_len(model.language_model.config),
+        device=str(model.device),
     )
 
 
