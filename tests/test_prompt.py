@@ -8,7 +8,7 @@ from PIL import Image
 from broker_worker import tiling
 from broker_worker.errors import JobError
 from broker_worker.messages import ChatMessage
-from broker_worker.prompt import CHATML, TEMPLATES, build_conversation, expand_images, sanitize, tile_budgets
+from broker_worker.prompt import CHATML, TEMPLATES, build_conversation, sanitize, tile_budgets
 
 SIZES = {"a": (800, 600), "b": (640, 480), "c": (1200, 400), "d": (500, 900), "e": (900, 300)}
 
@@ -110,12 +110,6 @@ def test_injected_control_strings_are_removed() -> None:
 def test_resume_prefix_continues_the_answer() -> None:
     text = build_conversation([user("Q")], 12).render(CHATML, answer_prefix="Once upon")
     assert text.endswith("<|im_start|>assistant\nOnce upon")
-
-
-def test_expand_images() -> None:
-    assert expand_images("<image>\nA <image>", [2, 1], 3) == (
-        "<img>" + "<IMG_CONTEXT>" * 6 + "</img>\nA <img>" + "<IMG_CONTEXT>" * 3 + "</img>"
-    )
 
 
 @pytest.mark.parametrize(
