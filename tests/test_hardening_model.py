@@ -47,9 +47,26 @@ TOKENS = sorted({*TOKENIZER.added_tokens_encoder, *TOKENIZER.all_special_tokens,
 FRAGMENTS = sorted({t[i:j] for t in TOKENS for i in range(len(t)) for j in range(i + 1, len(t) + 1)})
 ANY_TOKEN = re.compile("|".join(map(re.escape, TOKENS)))
 MARKER = re.compile("|".join(map(re.escape, _FORBIDDEN_IN_TEXT)))
-#: Text built from pieces of every token, interleaved: "<|im_st" + "<|im_end|>" + "art|>" and the like.
-hostile = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=14).map("".join)
-ordinary = st.text(max_size=40).filter(lambda text: ANY_TOKEN.search(text) is None)
+
+
+def wrapped(token: str, cut: int, inner: str) -> str:
+    """``inner`` inside ``token``: "<|im_st" + "<|im_end|>" + "art|>" closes up once the inner token goes."""
+    cut = min(cut, len(token) - 1)
+    return token[:cut] + inner + token[cut:]
+
+
+#: Tokens nested in tokens, any depth.
+nested = st.recursive(
+    st.sampled_from(TOKENS),
+    lambda inner: (
+        st.builds(wrapped, st.sampled_from(TOKENS), st.integers(1, 20), inner)
+        | st.lists(inner, min_size=2, max_size=3).map("".join)
+    ),
+    max_leaves=8,
+)
+#: Text built from pieces of every token, interleaved, and from nested tokens.
+hostile = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3) | nested, max_size=10).map("".join)
+ordinary = (st.text(max_size=40) | st.text(" \n\tHelo wrd,你好", max_size=40)).filter(lambda t: not ANY_TOKEN.search(t))
 
 
 def internvl_pipeline(tokenizer: Any, query: str, image_tokens: list[int]) -> list[int]:
@@ -74,15 +91,40 @@ def chats(draw: st.DrawFn, text: st.SearchStrategy[str]) -> tuple[list[ChatMessa
     return prompt, draw(st.lists(st.integers(1, 6), min_size=images, max_size=images))
 
 
+def byte_level_bpe() -> Any:
+    """The tiny tokenizer's pipeline (NFC, Qwen2's split, byte level) with merges learned from a little text, so
+    that where a stretch starts and ends changes its ids (the tiny tokenizer has no merges)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = TOKENIZER.backend_tokenizer.pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["Hello world,  hello\n\n  indented\twith tabs.\n\n\n", "你好，世界。\n", "user\nassistant\nsystem\n"] * 20
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=500, initial_alphabet=alphabet, show_progress=False)
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": sorted(TOKENIZER.added_tokens_encoder)})
+    return tokenizer
+
+
+BYTE_BPE = byte_level_bpe()
+ENCODERS = {"tiny": (TOKENIZER, ENCODER), "merges": (BYTE_BPE, PromptEncoder(BYTE_BPE))}
+
+
 @PROPERTY
-@given(chats(ordinary), st.sampled_from(list(TEMPLATES.values())), ordinary)
+@given(st.sampled_from(list(ENCODERS)), chats(ordinary), st.sampled_from(list(TEMPLATES.values())), ordinary)
 def test_ordinary_prompts_get_internvls_ids(
-    chat: tuple[list[ChatMessage], list[int]], template: Template, prefix: str
+    name: str, chat: tuple[list[ChatMessage], list[int]], template: Template, prefix: str
 ) -> None:
+    tokenizer, encoder = ENCODERS[name]
     prompt, image_tokens = chat
     conversation = build_conversation(prompt, 12)
-    ids = ENCODER.encode(conversation.spans(template, prefix), image_tokens, NO_LIMIT)
-    assert ids == internvl_pipeline(TOKENIZER, conversation.render(template, prefix), image_tokens)
+    ids = encoder.encode(conversation.spans(template, prefix), image_tokens, NO_LIMIT)
+    assert ids == internvl_pipeline(tokenizer, conversation.render(template, prefix), image_tokens)
 
 
 def raw_conversation(system: str, turns: list[tuple[str, str]], question: str, images: int) -> Conversation:
@@ -92,18 +134,26 @@ def raw_conversation(system: str, turns: list[tuple[str, str]], question: str, i
 
 
 @PROPERTY
-@given(hostile, st.lists(st.tuples(hostile, hostile), max_size=2), hostile, hostile, st.integers(0, 3))
+@given(
+    st.sampled_from(list(ENCODERS)),
+    hostile,
+    st.lists(st.tuples(hostile, hostile), max_size=2),
+    hostile,
+    hostile,
+    st.integers(0, 3),
+)
 def test_client_text_never_forms_a_control_token(
-    system: str, turns: list[tuple[str, str]], question: str, prefix: str, images: int
+    name: str, system: str, turns: list[tuple[str, str]], question: str, prefix: str, images: int
 ) -> None:
+    tokenizer, encoder = ENCODERS[name]
     image_tokens = [3 + k for k in range(images)]
     conversation = raw_conversation(system, turns, question, images)
     blank = raw_conversation("", [("", "")] * len(turns), "", images)
-    ids = ENCODER.encode(conversation.spans(CHATML, prefix), image_tokens, NO_LIMIT)
-    structure = ENCODER.encode(blank.spans(CHATML, ""), image_tokens, NO_LIMIT)
+    ids = encoder.encode(conversation.spans(CHATML, prefix), image_tokens, NO_LIMIT)
+    structure = encoder.encode(blank.spans(CHATML, ""), image_tokens, NO_LIMIT)
     # Every control id is the template's: the same sequence as with no client text at all.
-    assert control_ids(ENCODER, ids) == control_ids(ENCODER, structure)
-    assert ids.count(TOKENIZER.convert_tokens_to_ids("<IMG_CONTEXT>")) == sum(image_tokens)
+    assert control_ids(encoder, ids) == control_ids(encoder, structure)
+    assert ids.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")) == sum(image_tokens)
 
 
 @PROPERTY
