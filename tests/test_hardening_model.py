@@ -111,8 +111,36 @@ def byte_level_bpe() -> Any:
     return tokenizer
 
 
-BYTE_BPE = byte_level_bpe()
-ENCODERS = {"tiny": (TOKENIZER, ENCODER), "merges": (BYTE_BPE, PromptEncoder(BYTE_BPE))}
+def python_tokenizer() -> Any:
+    """A tokenizer written in Python (like remote-code ones), one token per Latin-1 character."""
+    from transformers import PreTrainedTokenizer
+
+    class Latin1(PreTrainedTokenizer):  # type: ignore[misc]
+        vocab_size = 256
+
+        def get_vocab(self) -> dict[str, int]:
+            return {**{chr(i): i for i in range(256)}, **self.added_tokens_encoder}
+
+        def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+            return list(text)
+
+        def _convert_token_to_id(self, token: str) -> int:
+            return ord(token) if len(token) == 1 and ord(token) < 256 else 0
+
+        def _convert_id_to_token(self, index: int) -> str:
+            return chr(index)
+
+    tokenizer = Latin1()
+    tokenizer.add_special_tokens({"additional_special_tokens": sorted(TOKENIZER.added_tokens_encoder)})
+    return tokenizer
+
+
+BYTE_BPE, PYTHON = byte_level_bpe(), python_tokenizer()
+ENCODERS = {
+    "tiny": (TOKENIZER, ENCODER),
+    "merges": (BYTE_BPE, PromptEncoder(BYTE_BPE)),
+    "python": (PYTHON, PromptEncoder(PYTHON)),
+}
 
 
 @PROPERTY
