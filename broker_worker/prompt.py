@@ -25,7 +25,7 @@ from broker_worker.messages import ChatMessage
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 # Strings a user must not be able to inject: they would move image slots or forge turns. Each is "<", a body
-# without "<" or ">", then ">": sanitize's one-pass removal relies on that shape.
+# without "<" or ">", then ">": sanitize's linear fixed-point removal relies on that shape.
 _FORBIDDEN_IN_TEXT = (
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT,
