@@ -81,12 +81,12 @@ class Template:
     sep: str
     default_system: str
 
-    def spans(self, system: str, turns: Sequence[tuple[Spans, str]], question: Spans, answer_prefix: str) -> Spans:
+    def spans(self, system: str, turns: Sequence[tuple[Spans, Spans]], question: Spans, answer_prefix: str) -> Spans:
         before, _, after = self.system.partition("{system}")
         user, assistant, sep = _template(self.user), _template(self.assistant), _template(self.sep)
         out = [_template(before), Span(system), _template(after), sep]
         for q, a in turns:
-            out += [user, *q, sep, assistant, Span(a), sep]
+            out += [user, *q, sep, assistant, *a, sep]
         out += [user, *question, sep, assistant, Span(answer_prefix)]
         return tuple(span for span in out if span.text)
 
@@ -117,7 +117,9 @@ CHATML = TEMPLATES["internvl2_5"]
 @dataclass
 class Conversation:
     system: str | None
-    turns: list[tuple[Spans, str]]  # earlier (question, answer) pairs; a question holds its image labels
+    # Earlier (question, answer) pairs. A question holds its image labels; an answer, one span per assistant message
+    # (the prompt's encoder may cut between two long ones instead of tokenizing them as one huge text).
+    turns: list[tuple[Spans, Spans]]
     last: Spans  # the question to answer
     images: list[str] = field(default_factory=list)  # base64, in image slot order
     budgets: list[int] = field(default_factory=list)  # max grid tiles per image
@@ -128,7 +130,7 @@ class Conversation:
 
     @property
     def history(self) -> list[tuple[str, str]]:
-        return [(_join(q), a) for q, a in self.turns]
+        return [(_join(q), _join(a)) for q, a in self.turns]
 
     def spans(self, template: Template, answer_prefix: str = "") -> Spans:
         system = template.default_system if self.system is None else self.system
@@ -184,7 +186,7 @@ def build_conversation(prompt: list[ChatMessage], max_input_tiles: int) -> Conve
         raise invalid("the prompt must end with a user message (optionally followed by an empty assistant one)")
     total_images = sum(len(m.image) for m in messages)
     questions: list[Spans] = []
-    answers: list[list[str]] = []
+    answers: list[list[Span]] = []
     images: list[str] = []
     for message in messages:
         if message.role == "user":
@@ -195,10 +197,10 @@ def build_conversation(prompt: list[ChatMessage], max_input_tiles: int) -> Conve
         elif message.role == "assistant":
             if not questions:
                 raise invalid("an assistant message comes before any user message")
-            answers[-1].append(sanitize(message.text))
+            answers[-1].append(Span(sanitize(message.text)))
         else:
             raise invalid("a system message is only allowed first")
-    history = [(q, "".join(a)) for q, a in zip(questions[:-1], answers[:-1], strict=True)]
+    history = [(q, tuple(a)) for q, a in zip(questions[:-1], answers[:-1], strict=True)]
     budgets = tile_budgets([len(m.image) for m in messages if m.role == "user"], max_input_tiles)
     return Conversation(system, history, questions[-1], images, budgets)
 

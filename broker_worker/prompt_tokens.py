@@ -9,7 +9,9 @@ its added tokens and encodes the stretches one by one, so an ordinary prompt get
 too (``CONTENT_TOKENS``): the model reads and writes them as content, and they open no turn or image slot.
 
 Stretches are encoded one at a time and counted as they come: a prompt over the context is refused once the
-count reaches it, after at most one message's text beyond the limit, never after tokenizing all of it.
+count reaches it, after at most one message's text beyond the limit, never after tokenizing all of it. A stretch
+longer than ``STRETCH_CHARS`` (only long assistant messages in a row make one) is cut between two spans, so no
+single call to the tokenizer gets more than that or one message.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from broker_worker.prompt import IMG_CONTEXT, IMG_END, IMG_START, Span
 
 #: Added tokens a client may write: grounding (``<ref>``/``<box>``/``<quad>``) and reasoning tags.
 CONTENT_TOKENS = frozenset({"<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<think>", "</think>"})
+STRETCH_CHARS = 262_144
 Encode = Callable[[str], list[int]]
 
 
@@ -118,11 +121,15 @@ class _Ids:
         self._limit = limit
         self._ids = list(head)
         self._text: list[str] = []  # text since the last token, encoded at the next one
+        self._chars = 0
         self._at_start = True
         self.images = 0
 
     def add_text(self, text: str) -> None:
+        if self._chars + len(text) > STRETCH_CHARS:
+            self._flush()
         self._text.append(text)
+        self._chars += len(text)
 
     def add_tokens(self, ids: list[int]) -> None:
         self._flush()
@@ -135,7 +142,7 @@ class _Ids:
 
     def _flush(self) -> None:
         if self._text:
-            text, self._text = "".join(self._text), []
+            text, self._text, self._chars = "".join(self._text), [], 0
             self._grow(self._stretch(text, at_start=self._at_start))
 
     def _grow(self, ids: Sequence[int]) -> None:

@@ -33,7 +33,7 @@ from broker_worker.prompt import (
     build_conversation,
     sanitize,
 )
-from broker_worker.prompt_tokens import CONTENT_TOKENS, PromptEncoder
+from broker_worker.prompt_tokens import CONTENT_TOKENS, STRETCH_CHARS, PromptEncoder
 from broker_worker.tiny_model import make_tokenizer
 from tests.helpers import png_b64
 
@@ -158,7 +158,7 @@ def test_ordinary_prompts_get_internvls_ids(
 def raw_conversation(system: str, turns: list[tuple[str, str]], question: str, images: int) -> Conversation:
     """A conversation whose client text was not sanitized: the encoder alone must keep it harmless."""
     labels: Spans = (IMAGE_SLOT, Span("\n", "template")) * images
-    return Conversation(system, [((Span(q),), a) for q, a in turns], (*labels, Span(question)), ["x"] * images)
+    return Conversation(system, [((Span(q),), (Span(a),)) for q, a in turns], (*labels, Span(question)), ["x"] * images)
 
 
 @PROPERTY
@@ -373,6 +373,17 @@ def test_many_short_messages_stop_at_the_context(engine: InternVLEngine, monkeyp
         engine.count_tokens(job([*prompt, {"role": "user", "content": "?"}]))
     assert err.value.code == 40303
     assert sum(sizes) < 8192 + 1100  # byte-level, a token per character: stopped within a message of the context
+
+
+def test_long_assistant_messages_in_a_row_are_not_tokenized_as_one_text(
+    engine: InternVLEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = [{"role": "user", "content": "q"}, *[{"role": "assistant", "content": "ok " * 66_000}] * 60]
+    sizes = counting(engine, monkeypatch)
+    with pytest.raises(JobError) as err:
+        engine.prepare(job([*prompt, {"role": "user", "content": "?"}]))
+    assert err.value.code == 40303
+    assert max(sizes) <= STRETCH_CHARS, max(sizes)  # not the 12 M characters the 60 answers join into
 
 
 def test_prompt_just_under_the_context_is_served_whole(engine: InternVLEngine) -> None:
