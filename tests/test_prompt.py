@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from broker_worker.model import tiling
-from broker_worker.model.prompt import CHATML, TEMPLATES, build_conversation, expand_images, sanitize, tile_budgets
+from broker_worker.model.prompt import CHATML, TEMPLATES, build_conversation, sanitize, tile_budgets
 from broker_worker.protocol.errors import JobError
 from broker_worker.protocol.messages import ChatMessage
 
@@ -110,12 +110,6 @@ def test_injected_control_strings_are_removed() -> None:
 def test_resume_prefix_continues_the_answer() -> None:
     text = build_conversation([user("Q")], 12).render(CHATML, answer_prefix="Once upon")
     assert text.endswith("<|im_start|>assistant\nOnce upon")
-
-
-def test_expand_images() -> None:
-    assert expand_images("<image>\nA <image>", [2, 1], 3) == (
-        "<img>" + "<IMG_CONTEXT>" * 6 + "</img>\nA <img>" + "<IMG_CONTEXT>" * 3 + "</img>"
-    )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The InternVL engine: seed semantics on a loaded checkpoint, with per-request state only.
 
 Per request: conversation and tile budgets (prompt.py), images decoded with limits and tiled (cached by
-content hash), ``<img><IMG_CONTEXT>×256·n</img>`` expansion, context-length check, then ``model.generate`` with a
+content hash), input ids with ``<img><IMG_CONTEXT>×256·n</img>`` per image and client text that cannot form control
+tokens, counted against the context as they are built (prompt_tokens.py), then ``model.generate`` with a
 streamer that decodes incrementally and a stopping criterion that watches the cancel flag. Nothing on the model
 object is changed per request (the seed swaps ``model.system_message`` and races).
 """
@@ -19,7 +20,8 @@ from transformers.generation.streamers import BaseStreamer
 from broker_worker.model.decoding import IncrementalDecoder, control_token_ids
 from broker_worker.model.engine import Finish, OnDelta
 from broker_worker.model.loading import LoadedModel
-from broker_worker.model.prompt import Conversation, build_conversation, expand_images
+from broker_worker.model.prompt import Conversation, build_conversation
+from broker_worker.model.prompt_tokens import PromptEncoder
 from broker_worker.model.stops import generate_with_stops
 from broker_worker.model.tiling import build_transform, tile_image
 from broker_worker.protocol.errors import ErrorCode, JobError
@@ -88,6 +90,7 @@ class InternVLEngine:
         self.context_len = loaded.context_len
         self.loaded = loaded
         self._limits = image_limits
+        self.encoder = PromptEncoder(loaded.tokenizer)
         self.skip_ids = control_token_ids(loaded.tokenizer)
         self.eos_ids = self._stop_ids(loaded)
         self._tiles: LruCache[torch.Tensor] = LruCache(TILE_CACHE_BYTES, tensor_bytes)
@@ -124,22 +127,13 @@ class InternVLEngine:
     def prepare(self, job: Job, answer_prefix: str = "") -> Prepared:
         conversation = build_conversation(job.prompt, job.max_input_tiles)
         pixel_values, tiles_per_image = self.pixel_values(conversation)
-        text = conversation.render(self.loaded.template, answer_prefix)
-        text = expand_images(text, tiles_per_image, self.loaded.tokens_per_tile)
-        encoded = self.loaded.tokenizer(text, return_tensors="pt")
-        prefix_tokens = len(self.loaded.tokenizer(answer_prefix)["input_ids"]) if answer_prefix else 0
-        prompt_len = int(encoded["input_ids"].shape[1])
-        room = self.loaded.context_len - prompt_len
-        if room <= 0:
-            raise JobError(
-                ErrorCode.CONTEXT_OVERFLOW,
-                f"the prompt is {prompt_len} tokens (images included) and the context is "
-                f"{self.loaded.context_len}; send fewer images, a lower max_input_tiles, or a shorter history",
-            )
-        max_new = min(job.max_new_tokens - prefix_tokens, room)
-        if max_new <= 0:
-            max_new = 1
-        return Prepared(encoded["input_ids"], encoded["attention_mask"], pixel_values, max_new, prefix_tokens)
+        spans = conversation.spans(self.loaded.template, answer_prefix)
+        image_tokens = [self.loaded.tokens_per_tile * tiles for tiles in tiles_per_image]
+        input_ids = torch.tensor([self.encoder.encode(spans, image_tokens, self.loaded.context_len)])
+        prefix_tokens = self.encoder.count(answer_prefix) if answer_prefix else 0
+        room = self.loaded.context_len - int(input_ids.shape[1])
+        max_new = max(1, min(job.max_new_tokens - prefix_tokens, room))
+        return Prepared(input_ids, torch.ones_like(input_ids), pixel_values, max_new, prefix_tokens)
 
     def pixel_values(self, conversation: Conversation) -> tuple[torch.Tensor | None, list[int]]:
         if not conversation.images:

@@ -5,18 +5,27 @@ written into shared model state), images are labelled ``Image-k: <image>\\n`` (`
 conversation has one), the last user message with images shares ``max_input_tiles`` among its images and every
 earlier image gets one tile. Fixed on purpose: roles are checked, a trailing assistant message is a prefill
 of the answer only when it has text, and an empty answer no longer corrupts the template.
+
+A prompt is rendered as spans that say who wrote each piece: the template (and the worker's image labels),
+the client, or an image slot. ``prompt_tokens`` reads control tokens only in the template's spans, so client
+text can never become one; ``sanitize`` also removes the worker's own marker strings from client text (to a
+fixed point) so that even the plain rendered text carries no forged turn or image slot.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from broker_worker.protocol.errors import invalid
 from broker_worker.protocol.messages import ChatMessage
 
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-# Strings a user must not be able to inject: they would move image slots or forge turns.
+# Strings a user must not be able to inject: they would move image slots or forge turns. Each is "<", a body
+# without "<" or ">", then ">": sanitize's linear fixed-point removal relies on that shape.
 _FORBIDDEN_IN_TEXT = (
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT,
@@ -30,6 +39,9 @@ _FORBIDDEN_IN_TEXT = (
     "<|assistant|>",
     "<|system|>",
 )
+_FORBIDDEN_RE = re.compile("|".join(map(re.escape, _FORBIDDEN_IN_TEXT)))
+_BODIES = frozenset(token[1:-1] for token in _FORBIDDEN_IN_TEXT)
+_LONGEST_BODY = max(map(len, _BODIES))
 
 INTERNVL_DEFAULT_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -37,6 +49,25 @@ INTERNVL_DEFAULT_SYSTEM = (
 INTERNVL2_DEFAULT_SYSTEM = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
+
+
+SpanKind = Literal["template", "client", "image"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A piece of the prompt and who wrote it: only ``template`` text may hold control tokens."""
+
+    text: str
+    kind: SpanKind = "client"
+
+
+Spans = tuple[Span, ...]
+IMAGE_SLOT = Span(IMAGE_PLACEHOLDER, "image")
+
+
+def _template(text: str) -> Span:
+    return Span(text, "template")
 
 
 @dataclass(frozen=True)
@@ -50,12 +81,14 @@ class Template:
     sep: str
     default_system: str
 
-    def render(self, system: str, turns: list[tuple[str, str]], question: str, answer_prefix: str = "") -> str:
-        parts = [self.system.format(system=system), self.sep]
+    def spans(self, system: str, turns: Sequence[tuple[Spans, Spans]], question: Spans, answer_prefix: str) -> Spans:
+        before, _, after = self.system.partition("{system}")
+        user, assistant, sep = _template(self.user), _template(self.assistant), _template(self.sep)
+        out = [_template(before), Span(system), _template(after), sep]
         for q, a in turns:
-            parts += [self.user, q, self.sep, self.assistant, a, self.sep]
-        parts += [self.user, question, self.sep, self.assistant, answer_prefix]
-        return "".join(parts)
+            out += [user, *q, sep, assistant, *a, sep]
+        out += [user, *question, sep, assistant, Span(answer_prefix)]
+        return tuple(span for span in out if span.text)
 
     @property
     def stop_token(self) -> str:
@@ -84,20 +117,56 @@ CHATML = TEMPLATES["internvl2_5"]
 @dataclass
 class Conversation:
     system: str | None
-    history: list[tuple[str, str]]
-    question: str
-    images: list[str] = field(default_factory=list)  # base64, in placeholder order
+    # Earlier (question, answer) pairs. A question holds its image labels; an answer, one span per assistant message
+    # (the prompt's encoder may cut between two long ones instead of tokenizing them as one huge text).
+    turns: list[tuple[Spans, Spans]]
+    last: Spans  # the question to answer
+    images: list[str] = field(default_factory=list)  # base64, in image slot order
     budgets: list[int] = field(default_factory=list)  # max grid tiles per image
 
-    def render(self, template: Template, answer_prefix: str = "") -> str:
+    @property
+    def question(self) -> str:
+        return _join(self.last)
+
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        return [(_join(q), _join(a)) for q, a in self.turns]
+
+    def spans(self, template: Template, answer_prefix: str = "") -> Spans:
         system = template.default_system if self.system is None else self.system
-        return template.render(system, self.history, self.question, answer_prefix)
+        return template.spans(system, self.turns, self.last, answer_prefix)
+
+    def render(self, template: Template, answer_prefix: str = "") -> str:
+        """The prompt as InternVL's text (image slots as ``<image>``); the engine encodes ``spans`` instead."""
+        return _join(self.spans(template, answer_prefix))
+
+
+def _join(spans: Spans) -> str:
+    return "".join(span.text for span in spans)
 
 
 def sanitize(text: str) -> str:
-    for token in _FORBIDDEN_IN_TEXT:
-        text = text.replace(token, "")
-    return text
+    """``text`` without the marker strings, removed until none is left (one pass would let "<|im_st<|im_end|>art|>"
+    close up into a new "<|im_start|>")."""
+    if _FORBIDDEN_RE.search(text) is None:  # the usual case, at regex speed
+        return text
+    kept: list[str] = []  # pieces of the output; "<" and ">" are pieces of their own
+    opens: list[int] = []  # indexes in ``kept`` of each "<" that a marker may still start from
+    after_open = 0  # characters kept since the last open "<"
+    for piece in filter(None, re.split(r"([<>])", text)):
+        if piece == ">" and opens and after_open <= _LONGEST_BODY and "".join(kept[opens[-1] + 1 :]) in _BODIES:
+            del kept[opens.pop() :]  # the text around it closes up: an earlier "<" may now start a marker
+            after_open = len("".join(kept[opens[-1] + 1 :])) if opens else 0
+            continue
+        kept.append(piece)
+        if piece == "<":
+            opens.append(len(kept) - 1)
+            after_open = 0
+            continue
+        after_open += len(piece)
+        if piece == ">" or after_open > _LONGEST_BODY:
+            opens.clear()  # a body holds no ">" and is short: no marker can start at these "<" any more
+    return "".join(kept)
 
 
 def tile_budgets(images_per_message: list[int], max_input_tiles: int) -> list[int]:
@@ -116,26 +185,30 @@ def build_conversation(prompt: list[ChatMessage], max_input_tiles: int) -> Conve
     if not messages or messages[-1].role != "user":
         raise invalid("the prompt must end with a user message (optionally followed by an empty assistant one)")
     total_images = sum(len(m.image) for m in messages)
-    turns: list[list[str]] = []
+    questions: list[Spans] = []
+    answers: list[list[Span]] = []
     images: list[str] = []
     for message in messages:
         if message.role == "user":
-            prefix = "".join(_image_label(len(images) + k + 1, total_images) for k in range(len(message.image)))
+            labels = [_image_label(len(images) + k, total_images) for k in range(1, len(message.image) + 1)]
             images += message.image
-            turns.append([prefix + sanitize(message.text)])
+            questions.append((*(span for label in labels for span in label), Span(sanitize(message.text))))
+            answers.append([])
         elif message.role == "assistant":
-            if not turns:
+            if not questions:
                 raise invalid("an assistant message comes before any user message")
-            turns[-1].append(sanitize(message.text))
+            answers[-1].append(Span(sanitize(message.text)))
         else:
             raise invalid("a system message is only allowed first")
-    history = [(t[0], "".join(t[1:])) for t in turns[:-1]]
+    history = [(q, tuple(a)) for q, a in zip(questions[:-1], answers[:-1], strict=True)]
     budgets = tile_budgets([len(m.image) for m in messages if m.role == "user"], max_input_tiles)
-    return Conversation(system, history, turns[-1][0], images, budgets)
+    return Conversation(system, history, questions[-1], images, budgets)
 
 
-def _image_label(number: int, total: int) -> str:
-    return f"{IMAGE_PLACEHOLDER}\n" if total == 1 else f"Image-{number}: {IMAGE_PLACEHOLDER}\n"
+def _image_label(number: int, total: int) -> Spans:
+    if total == 1:
+        return IMAGE_SLOT, _template("\n")
+    return _template(f"Image-{number}: "), IMAGE_SLOT, _template("\n")
 
 
 def _split_system(prompt: list[ChatMessage]) -> tuple[str | None, list[ChatMessage]]:
@@ -149,14 +222,3 @@ def _drop_trailing_empty_assistant(messages: list[ChatMessage]) -> list[ChatMess
     while messages and messages[-1].role == "assistant":
         messages = messages[:-1]
     return messages
-
-
-def expand_images(prompt_text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
-    """Replace each ``<image>`` in order with ``<img><IMG_CONTEXT>×(tokens·tiles)</img>``."""
-    pieces = prompt_text.split(IMAGE_PLACEHOLDER)
-    if len(pieces) - 1 != len(tiles_per_image):
-        raise invalid(f"{len(pieces) - 1} image placeholders for {len(tiles_per_image)} images")
-    out = [pieces[0]]
-    for tiles, rest in zip(tiles_per_image, pieces[1:], strict=True):
-        out += [IMG_START, IMG_CONTEXT * (tokens_per_tile * tiles), IMG_END, rest]
-    return "".join(out)
