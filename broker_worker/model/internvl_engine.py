@@ -17,8 +17,9 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from broker_worker.model.decoding import IncrementalDecoder, control_token_ids
+from broker_worker.model.decoding import control_token_ids
 from broker_worker.model.engine import Finish, OnDelta
+from broker_worker.model.generation import new_row, run_batch
 from broker_worker.model.loading import LoadedModel
 from broker_worker.model.prompt import Conversation, build_conversation
 from broker_worker.model.prompt_tokens import PromptEncoder
@@ -26,7 +27,7 @@ from broker_worker.model.stops import generate_with_stops
 from broker_worker.model.tiling import build_transform, tile_image
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.images import DEFAULT_LIMITS, ImageLimits, LruCache, content_key, decode_image
-from broker_worker.protocol.messages import FinishReason, Job, Usage
+from broker_worker.protocol.messages import Job, Usage
 
 TILE_CACHE_BYTES = 512 * 1024 * 1024
 PixelStack = tuple[torch.Tensor, list[int]]
@@ -52,37 +53,6 @@ class Prepared:
         )
 
 
-class _CancelCriteria(StoppingCriteria):  # type: ignore[misc]
-    def __init__(self, cancel: threading.Event) -> None:
-        self._cancel = cancel
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._cancel.is_set(), dtype=torch.bool)  # type: ignore[return-value]
-
-
-class _DeltaStreamer(BaseStreamer):  # type: ignore[misc]
-    """Receives token ids from ``generate`` and hands decoded deltas to the worker."""
-
-    def __init__(self, decoder: IncrementalDecoder, on_delta: OnDelta) -> None:
-        self._decoder = decoder
-        self._on_delta = on_delta
-        self._prompt_seen = False
-        self.last_id: int | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first passes the prompt (empty when only embeddings go in)
-            self._prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            self.last_id = token_id
-            if text := self._decoder.push(token_id):
-                self._on_delta(text)
-
-    def end(self) -> None:
-        if text := self._decoder.flush():
-            self._on_delta(text)
-
-
 class InternVLEngine:
     def __init__(self, loaded: LoadedModel, model_name: str, image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
         self.model_name = model_name
@@ -102,20 +72,9 @@ class InternVLEngine:
         )
 
     def _generate(self, job: Job, answer_prefix: str, cancel: threading.Event, on_delta: OnDelta) -> Finish:
-        prepared = self.prepare(job, answer_prefix)
-        decoder = IncrementalDecoder(self.loaded.tokenizer, self.skip_ids)
-        streamer = _DeltaStreamer(decoder, on_delta)
-        self.run_generate(
-            job,
-            prepared.input_ids,
-            prepared.attention_mask,
-            prepared.pixel_values,
-            prepared.max_new_tokens,
-            streamer,
-            _CancelCriteria(cancel),
-        )
-        reason: FinishReason = "stop" if streamer.last_id in self.stop_ids(job) else "length"
-        return Finish(reason, prepared.usage(decoder.count))
+        row = new_row(self, job, answer_prefix, cancel, on_delta)
+        run_batch(self, [row])  # a single request is a batch of one
+        return row.result()
 
     def count_tokens(self, job: Job) -> int:
         return int(self.prepare(job).input_ids.shape[1])
