@@ -76,6 +76,7 @@ class Tally:
     faults: Counter[str] = field(default_factory=Counter)
     garbage: dict[str, str] = field(default_factory=dict)  # stream entry id -> kind of garbage
     problems: dict[str, list[str]] = field(default_factory=dict)
+    timeline: list[str] = field(default_factory=list)  # the faults, when, and on what
     dead: set[int] = field(default_factory=set)  # pids of processes that exited unasked, reported once
 
     def count(self, scenario: str, outcome: str) -> None:
@@ -433,26 +434,27 @@ def stopped(proc: Proc) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
-async def kill9(ctx: Ctx, proc: Proc) -> bool:
+async def kill9(ctx: Ctx, proc: Proc) -> str | None:
     proc.popen.kill()
     await asyncio.to_thread(proc.popen.wait)
     ctx.stack.retire(proc)
     ctx.stack.add_worker()
-    return proc.popen.returncode == -signal.SIGKILL
+    return f"worker {proc.popen.pid}" if proc.popen.returncode == -signal.SIGKILL else None
 
 
-async def freeze(ctx: Ctx, proc: Proc) -> bool:
+async def freeze(ctx: Ctx, proc: Proc) -> str | None:
     """SIGSTOP past the lease (its jobs are taken over), then SIGCONT: it must publish nothing stale."""
+    seconds = LEASE_S + ctx.rng.uniform(1.0, 5.0)
     proc.signal(signal.SIGSTOP)
     try:
         hit = await asyncio.to_thread(wait_for, lambda: stopped(proc), 5, "SIGSTOP to take effect")
-        await asyncio.sleep(LEASE_S + ctx.rng.uniform(1.0, 5.0))
+        await asyncio.sleep(seconds)
     finally:
         proc.signal(signal.SIGCONT)
-    return bool(hit)
+    return f"worker {proc.popen.pid} for {seconds:.1f} s" if hit else None
 
 
-async def term(ctx: Ctx, proc: Proc) -> bool:
+async def term(ctx: Ctx, proc: Proc) -> str | None:
     """SIGTERM: the worker hands its jobs back and exits by itself (grace 1 s); a replacement starts at once."""
     proc.signal(signal.SIGTERM)
     ctx.stack.retire(proc)
@@ -462,10 +464,10 @@ async def term(ctx: Ctx, proc: Proc) -> bool:
     except TimeoutError:
         ctx.tally.problem("process", f"worker pid {proc.popen.pid} still up 60 s after SIGTERM ({proc.log_path})")
         proc.popen.kill()
-        return True
-    if proc.popen.returncode != 0:
-        ctx.tally.problem("process", f"SIGTERMed worker exited {proc.popen.returncode} ({proc.log_path})")
-    return True
+    else:
+        if proc.popen.returncode != 0:
+            ctx.tally.problem("process", f"SIGTERMed worker exited {proc.popen.returncode} ({proc.log_path})")
+    return f"worker {proc.popen.pid}"
 
 
 def debug_sleep(url: str, seconds: int) -> float:
@@ -478,12 +480,14 @@ def debug_sleep(url: str, seconds: int) -> float:
         side.close()
 
 
-async def stall(ctx: Ctx, proc: Proc) -> bool:
+async def stall(ctx: Ctx, proc: Proc) -> str | None:
     seconds = ctx.rng.randint(1, 12)
-    return await asyncio.to_thread(debug_sleep, ctx.stack.server.url, seconds) >= seconds
+    took = await asyncio.to_thread(debug_sleep, ctx.stack.server.url, seconds)
+    return f"{seconds} s (answered after {took:.1f} s)" if took >= seconds else None
 
 
-FAULTS: dict[str, Callable[[Ctx, Proc], Awaitable[bool]]] = {
+#: Each injects one fault (``proc``: a live worker it may use) and says what it did, or None if it did not hit.
+FAULTS: dict[str, Callable[[Ctx, Proc], Awaitable[str | None]]] = {
     "kill9": kill9,
     "sigstop_past_lease": freeze,
     "sigterm": term,
@@ -498,7 +502,7 @@ def check_processes(ctx: Ctx) -> None:
             ctx.tally.problem("process", f"{proc.name} exited {proc.popen.returncode} unasked ({proc.log_path})")
 
 
-async def fault_loop(ctx: Ctx, deadline: float) -> None:
+async def fault_loop(ctx: Ctx, started: float, deadline: float) -> None:
     """Every kind in turn, in a shuffled order per round, at random gaps: each kind happens in a short run too."""
     kinds: list[str] = []
     while True:
@@ -508,12 +512,14 @@ async def fault_loop(ctx: Ctx, deadline: float) -> None:
         check_processes(ctx)
         kinds = kinds or ctx.rng.sample(sorted(FAULTS), len(FAULTS))
         kind = kinds.pop()
-        victim = ctx.rng.choice([p for p in ctx.stack.workers if p.alive] or ctx.stack.workers)
-        print(f"[soak] fault {kind} ({victim.popen.pid})", flush=True)
-        if await FAULTS[kind](ctx, victim):
-            ctx.tally.faults[kind] += 1
-        else:
+        at = time.monotonic() - started
+        done = await FAULTS[kind](ctx, ctx.rng.choice([p for p in ctx.stack.workers if p.alive] or ctx.stack.workers))
+        if done is None:
             ctx.tally.problem("fault", f"{kind} did not take effect")
+            continue
+        ctx.tally.faults[kind] += 1
+        ctx.tally.timeline.append(f"{at:.0f} s {kind} {done}")
+        print(f"[soak] fault at {at:.0f} s: {kind} {done}", flush=True)
 
 
 async def progress_loop(ctx: Ctx, deadline: float) -> None:
@@ -676,6 +682,7 @@ async def final_checks(ctx: Ctx, traffic_s: float) -> dict[str, Any]:
         "outcomes": dict(ctx.tally.outcomes()),
         "by_scenario": {k: dict(v) for k, v in sorted(ctx.tally.by_scenario.items())},
         "faults": dict(ctx.tally.faults),
+        "fault_timeline": ctx.tally.timeline,
         "replay": replay,
         "garbage": check_garbage(ctx),
         "leaked_subscriptions": subscriptions,
@@ -721,7 +728,7 @@ async def soak(settings: Settings, stack: Stack) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + settings.minutes * 60
         clients = [client_loop(ctx, deadline) for _ in range(settings.clients)]
-        await asyncio.gather(fault_loop(ctx, deadline), progress_loop(ctx, deadline), *clients)
+        await asyncio.gather(fault_loop(ctx, started, deadline), progress_loop(ctx, deadline), *clients)
         figures = await final_checks(ctx, time.monotonic() - started)
     await side.aclose()
     return figures
