@@ -33,9 +33,9 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
+from broker_worker.model.fake_engine import fake_tokens
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.errors import ErrorCode
-from broker_worker.model.fake_engine import fake_tokens
 from broker_worker.protocol.messages import ChatMessage, Job
 from tests.helpers import Proc, RedisServer, served_models, spawn, spawn_gateway, wait_for, worker_args
 
