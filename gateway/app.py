@@ -73,7 +73,12 @@ class _TooLarge(Exception):
 def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = AsyncClient(async_redis(settings.redis_url))
+        redis = async_redis(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
+        )
+        client = AsyncClient(redis)
         service = GatewayService(settings, client, Metrics())
         app.state.service = service
         bridge_task = None

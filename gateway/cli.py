@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.host,
         settings.port,
         redact(settings.redis_url),
-        settings.controller_address or "none",
+        redact(settings.controller_address or "none"),
     )
     app = create_app(settings)
     config = uvicorn.Config(
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,  # uvicorn's lines go through the root handler too, so its formatter redacts them
         timeout_graceful_shutdown=5,
     )
     _Server(config, app).run()
