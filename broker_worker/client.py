@@ -21,6 +21,7 @@ from broker_worker.errors import ErrorCode, JobError
 from broker_worker.jobs import StreamReply
 from broker_worker.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 from broker_worker.pubsub import RESYNC, Subscriber
+from broker_worker.readers import Readers
 
 log = logging.getLogger("broker_worker.client")
 
@@ -29,7 +30,11 @@ class AsyncClient:
     def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0) -> None:
         self.redis = redis
         self.subscriber = Subscriber(redis)
+        self.readers = Readers(redis)
         self.poll_s = poll_s
+        #: Cancel a job whose ``generate`` stream is given up before its end (its caller went away), unless
+        #: another reader still reads it. The gateway turns it off while it shuts down: clients resume by id.
+        self.cancel_abandoned = True
 
     @classmethod
     def from_url(cls, url: str) -> AsyncClient:
@@ -46,19 +51,30 @@ class AsyncClient:
 
         SUBSCRIBE is sent first but its confirmation is awaited together with the submission: one round trip
         less before the job is queued. An event published before the subscription took effect is read from the
-        replay record (gap or quiet-spell check), so nothing is lost either way.
+        replay record (gap or quiet-spell check), so nothing is lost either way. Given up before its end, the
+        job is cancelled when no other reader wants it (``cancel_abandoned``).
         """
-        with self.subscriber.open(c.job_channel(job.id)) as subscription:
-            await asyncio.gather(subscription.confirmed(), self.submit(job))
-            async for event in self._events(job.id, subscription.queue, 0, **timeouts):
-                yield event
+        reader, finished = self.readers.new(job.id), False
+        try:
+            with self.subscriber.open(c.job_channel(job.id)) as subscription:
+                await asyncio.gather(subscription.confirmed(), self.submit(job), self.readers.join(reader))
+                async for event in self._events(job.id, subscription.queue, 0, **timeouts):
+                    finished = is_terminal(event)
+                    yield event
+        finally:
+            self.readers.leave_later(reader, cancel=self.cancel_abandoned and not finished)
 
     async def stream(self, job_id: str, after_seq: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
-        """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one."""
-        with self.subscriber.open(c.job_channel(job_id)) as subscription:
-            await subscription.confirmed()
-            async for event in self._events(job_id, subscription.queue, after_seq, **timeouts):
-                yield event
+        """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one.
+        A reader of the job meanwhile (another reader's hang-up does not cancel it); it never cancels it."""
+        reader = self.readers.new(job_id)
+        try:
+            with self.subscriber.open(c.job_channel(job_id)) as subscription:
+                await asyncio.gather(subscription.confirmed(), self.readers.join(reader))
+                async for event in self._events(job_id, subscription.queue, after_seq, **timeouts):
+                    yield event
+        finally:
+            self.readers.leave_later(reader, cancel=False)
 
     async def _events(
         self,
@@ -122,6 +138,7 @@ class AsyncClient:
         return await health.queue_lengths(self.redis, models)
 
     async def close(self) -> None:
+        await self.readers.close()
         await self.subscriber.close()
         await self.redis.aclose()
 

@@ -25,7 +25,8 @@ WORKER_ACL = (
 )
 GATEWAY_ACL = (
     "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hsetnx "
-    "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec"
+    "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec "
+    "+evalsha +script|load +script|exists +time +zadd +zrem +zremrangebyscore +zcard +pexpire"
 )
 
 
