@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -15,8 +15,8 @@ from broker_worker.client import AsyncClient
 from broker_worker.connections import async_redis
 from broker_worker.errors import describe_problems, invalid
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
+from gateway.auth import TokenAuth
 from gateway.controller_bridge import ControllerBridge
-from gateway.deps import require_token
 from gateway.errors import openai_error, seed_chunk, seed_error
 from gateway.metrics import Metrics
 from gateway.service import GatewayService
@@ -99,12 +99,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
         description="InternVL/FastChat worker protocol and OpenAI API in front of Redis-fed workers.",
     )
-    protected = [Depends(require_token)]
-    app.include_router(routes_worker.router, dependencies=protected)
-    app.include_router(routes_controller.router, dependencies=protected)
-    app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_worker.router)
+    app.include_router(routes_controller.router)
+    app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TokenAuth, token=settings.api_token)  # outermost: nothing runs for a request without it
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     return app
 
