@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from broker_worker import settings_cli
 from broker_worker.connections import redact
+from gateway.deadlines import deadline_protocol
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         log_config=None,  # uvicorn's lines go through the root handler too, so its formatter redacts them
         timeout_graceful_shutdown=5,
+        http=deadline_protocol(settings.header_timeout_s, settings.body_timeout_s),
     )
     _Server(config, app).run()
     return 0
