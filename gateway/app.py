@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_worker.client import AsyncClient
 from broker_worker.connections import async_redis
-from broker_worker.errors import describe_problems, invalid
+from broker_worker.errors import ErrorCode, JobError, describe_problems, invalid
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.auth import TokenAuth
 from gateway.controller_bridge import ControllerBridge
@@ -106,11 +106,25 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(TokenAuth, token=settings.api_token)  # outermost: nothing runs for a request without it
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
     return app
+
+
+#: Location parts that name a member of a union (``str | list[…]``), not a field of the body.
+_UNION_TAGS = {"body", "str", "constrained-str", "list[OpenAIPart]", "list[ChatMessage]"}
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     """Bad input gets the protocol's own typed error (40001 with the cause), not FastAPI's 422 format."""
-    problems = describe_problems(exc.errors(), skip={"body"}, empty="body")
-    err = invalid(f"invalid request: {problems}")
+    problems = describe_problems(exc.errors(), skip=_UNION_TAGS, empty="body")
+    return _typed(request, invalid(f"invalid request: {problems}"))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """The last boundary: a bug still answers a typed 50001 in the request's protocol (the traceback is logged
+    by the server), never a bare 500 page or a dropped connection."""
+    return _typed(request, JobError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+
+def _typed(request: Request, err: JobError) -> Response:
     return openai_error(err) if request.url.path.startswith("/v1/") else seed_error(err)

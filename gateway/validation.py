@@ -7,13 +7,20 @@ error, before anything is queued. Only the header is parsed: a decompression bom
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker_worker.errors import ErrorCode, JobError, describe_problems, invalid
 from broker_worker.images import ImageLimits, decode_base64, open_image, strip_data_url
-from broker_worker.messages import JOB_ID_PATTERN, ChatMessage, Job, SamplingParams
+from broker_worker.messages import (
+    JOB_ID_PATTERN,
+    MAX_CONTENT_CHARS,
+    MAX_IMAGE_B64_CHARS,
+    ChatMessage,
+    Job,
+    SamplingParams,
+)
 from gateway.settings import GatewaySettings
 
 
@@ -36,21 +43,25 @@ class CountRequest(BaseModel):
     prompt: str | list[ChatMessage] = Field(max_length=200_000)
 
 
+Text = Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+MAX_PARTS = 1024  # content parts of one OpenAI message (text pieces and images)
+
+
 class OpenAIImageUrl(BaseModel):
-    url: str
+    url: str = Field(max_length=MAX_IMAGE_B64_CHARS + 100)  # + the "data:image/…;base64," prefix
 
 
 class OpenAIPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text", "image_url"]
-    text: str | None = None
+    text: Text | None = None
     image_url: OpenAIImageUrl | None = None
 
 
 class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[OpenAIPart] | None = None
+    content: Text | Annotated[list[OpenAIPart], Field(max_length=MAX_PARTS)] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -78,16 +89,23 @@ def validation_error(exc: ValidationError) -> JobError:
 
 
 def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
-    prompt = []
-    for message in request.messages:
-        role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, list):
-            text = "".join(p.text or "" for p in message.content if p.type == "text")
-            images = [_data_url(p.image_url.url) for p in message.content if p.type == "image_url" and p.image_url]
-        else:
-            text, images = message.content or "", []
-        prompt.append(ChatMessage(role=role, content=text, image=images))
-    return prompt
+    """The seed's prompt list; a message the job cannot hold (joined text too long, too many images) is a
+    typed 40001 naming the message, like the seed endpoint's."""
+    return [_to_message(index, message) for index, message in enumerate(request.messages)]
+
+
+def _to_message(index: int, message: OpenAIMessage) -> ChatMessage:
+    role = "system" if message.role == "developer" else message.role
+    if isinstance(message.content, list):
+        text = "".join(p.text or "" for p in message.content if p.type == "text")
+        images = [_data_url(p.image_url.url) for p in message.content if p.type == "image_url" and p.image_url]
+    else:
+        text, images = message.content or "", []
+    try:
+        return ChatMessage(role=role, content=text, image=images)
+    except ValidationError as exc:
+        where = describe_problems(exc.errors(), empty="message").replace("image:", "images:")
+        raise invalid(f"invalid request: messages.{index}.{where}") from exc
 
 
 def _data_url(url: str) -> str:
