@@ -1,11 +1,14 @@
 """Requests in, jobs out: the seed payload and OpenAI chat messages become a ``Job`` within the gateway's limits.
 
 Images are checked here (base64, format, header size) so bad input is refused in milliseconds with a typed
-error, before anything is queued. Only the header is parsed: a decompression bomb is never decompressed.
+error, before anything is queued. Only the header is parsed: a decompression bomb is never decompressed. Bytes
+after an image's end are dropped and its size is bounded by its pixels (``image_bytes``).
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
 import time
 from typing import Annotated, Any, Literal
 
@@ -21,6 +24,7 @@ from broker_worker.messages import (
     Job,
     SamplingParams,
 )
+from gateway import image_bytes
 from gateway.settings import GatewaySettings
 
 
@@ -117,7 +121,7 @@ def _data_url(url: str) -> str:
 def build_job(
     model: str, prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings, job_id: str | None = None
 ) -> Job:
-    check_limits(prompt, params, settings)
+    prompt = check_limits(prompt, params, settings)
     deadline_ms = int((time.time() + settings.start_timeout_s) * 1000)
     fields: dict[str, Any] = params.model_dump(include=set(SamplingParams.model_fields))
     if job_id:
@@ -128,18 +132,30 @@ def build_job(
         raise validation_error(exc) from exc
 
 
-def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings) -> None:
+def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings) -> list[ChatMessage]:
+    """The prompt within this gateway's limits, its images cut to the bytes they need (or a typed error)."""
     if params.max_new_tokens > settings.max_new_tokens:
         raise JobError(
             ErrorCode.PARAM_OUT_OF_RANGE,
             f"max_new_tokens {params.max_new_tokens} is over this gateway's limit {settings.max_new_tokens}",
         )
-    images = [b64 for m in prompt for b64 in m.image]
-    if len(images) > settings.max_images:
+    count = sum(len(m.image) for m in prompt)
+    if count > settings.max_images:
         raise JobError(
             ErrorCode.PARAM_OUT_OF_RANGE,
-            f"{len(images)} images in one request; this gateway accepts at most {settings.max_images}",
+            f"{count} images in one request; this gateway accepts at most {settings.max_images}",
         )
-    limits = ImageLimits(max_pixels=settings.max_image_pixels)
-    for index, b64 in enumerate(images, start=1):
-        open_image(decode_base64(b64, index, limits), index, limits, load=False)
+    limits, numbers = ImageLimits(max_pixels=settings.max_image_pixels), itertools.count(1)
+    return [
+        m.model_copy(update={"image": [_bounded(b64, next(numbers), limits) for b64 in m.image]}) if m.image else m
+        for m in prompt
+    ]
+
+
+def _bounded(b64: str, index: int, limits: ImageLimits) -> str:
+    """Header checked (nothing decompressed), bytes after the image's end dropped, size bounded by its pixels."""
+    data = decode_base64(b64, index, limits)
+    image = open_image(data, index, limits, load=False)
+    trimmed = image_bytes.trim(data)
+    image_bytes.check_size(trimmed, image, index)
+    return b64 if len(trimmed) == len(data) else base64.b64encode(trimmed).decode()
