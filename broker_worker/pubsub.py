@@ -82,6 +82,15 @@ class Subscriber:
         """Channels some reader of this process wants (what /metrics reports)."""
         return len(self._wanted)
 
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def settled(self) -> bool:
+        """Redis has answered every command and subscribes exactly the wanted channels (as far as it said)."""
+        return not self._inflight and self._sent == set(self._wanted) and self._live == self._sent
+
     def open(self, channel: str) -> Subscription:
         subscription = Subscription(self, channel)
         self._wanted.setdefault(channel, set()).add(subscription.queue)
