@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_worker.errors import ErrorCode, JobError
-from gateway.errors import openai_error, seed_error
+from gateway.errors import json_bytes, openai_error
 
 #: Liveness probes and Prometheus scrapes carry no token; neither path reveals a job or changes anything.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -40,8 +40,14 @@ def _authorization(scope: Scope) -> bytes:
 
 
 def refusal(path: str) -> Response:
-    """401 in the protocol of the path: an OpenAI error object under /v1/, a seed chunk elsewhere."""
+    """401 in the protocol of the path: an OpenAI error object under /v1/, else the seed's error object as plain
+    JSON (no trailing NUL: the job and docs routes are read by plain JSON clients; seed clients split on NUL and
+    read the one part all the same)."""
     err = JobError(ErrorCode.INVALID_AUTH_KEY, "missing or wrong bearer token (Authorization: Bearer <token>)")
-    response = openai_error(err) if path.startswith("/v1/") else seed_error(err)
+    if path.startswith("/v1/"):
+        response = openai_error(err)
+    else:
+        body = json_bytes({"text": err.message, "error_code": int(err.code)})
+        response = Response(body, status_code=401, media_type="application/json")
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
