@@ -23,6 +23,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker_worker.aio import stop, wait_done
+
 log = logging.getLogger("broker_worker.pubsub")
 
 RESYNC = "resync"  # a queue item that is not an event: re-read the replay record
@@ -114,10 +116,7 @@ class Subscriber:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, set()).add(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
-            return True
-        except TimeoutError:
-            return False
+            return await wait_done(waiter, timeout_s)
         finally:
             waiters = self._waiters.get(channel, set())
             waiters.discard(waiter)
@@ -245,12 +244,8 @@ class Subscriber:
                 await conn.disconnect(nowait=True)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await stop(tasks)
         if self._conn is not None:
             await self._drop(self._conn)
             with contextlib.suppress(Exception):

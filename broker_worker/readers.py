@@ -12,7 +12,6 @@ last reader.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import uuid
@@ -21,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker_worker import constants as c
+from broker_worker.aio import stop
 
 log = logging.getLogger("broker_worker.readers")
 
@@ -128,6 +128,4 @@ class Readers:
         if self._background:
             await asyncio.wait(self._background, timeout=2.0)
         if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(BaseException):
-                await self._renewer
+            await stop([self._renewer])

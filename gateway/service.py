@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from broker_worker.messages import Event, Failed, Job, Usage, WorkerHealth
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 
-log = logging.getLogger("gateway")
 STATUS_REUSE_S = 0.25
 
 

@@ -116,6 +116,10 @@ async def test_only_the_last_live_reader_cancels(redis_server: RedisServer, r: r
         first, second = readers.new("j1"), readers.new("j1")
         await asyncio.gather(readers.join(first), readers.join(second))
         assert r.zcard(job_readers_key("j1")) == 2 and 0 < r.pttl(job_readers_key("j1")) <= 30_000
+        r.zadd(job_readers_key("j1"), {first: 1})  # as if its renewals had stopped long ago
+        await readers.renew()  # what the background task does every 10 s
+        now_ms = int(r.time()[0]) * 1000
+        assert r.zscore(job_readers_key("j1"), first) > now_ms + 20_000
         assert await readers.leave(first, cancel=True) is False  # another reader still wants it
         assert r.exists("ivl:job:{j1}:cancel") == 0
         assert await readers.leave(second, cancel=True) is True
