@@ -40,9 +40,9 @@ def _authorization(scope: Scope) -> bytes:
 
 
 def refusal(path: str) -> Response:
-    """401 in the protocol of the path: an OpenAI error object under /v1/, else the seed's error object as plain
-    JSON (no trailing NUL: the job and docs routes are read by plain JSON clients; seed clients split on NUL and
-    read the one part all the same)."""
+    """401 in the protocol of the path: an OpenAI error object under /v1/, else the worker protocol's error object
+    as plain JSON (no trailing NUL: the job and docs routes are read by plain JSON clients; worker-protocol clients
+    split on NUL and read the one part all the same)."""
     err = JobError(ErrorCode.INVALID_AUTH_KEY, "missing or wrong bearer token (Authorization: Bearer <token>)")
     if path.startswith("/v1/"):
         response = openai_error(err)

@@ -93,8 +93,8 @@ def validation_error(exc: ValidationError) -> JobError:
 
 
 def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
-    """The seed's prompt list; a message the job cannot hold (joined text too long, too many images) is a
-    typed 40001 naming the message, like the seed endpoint's."""
+    """The worker protocol's prompt list; a message the job cannot hold (joined text too long, too many
+    images) is a typed 40001 naming the message, like ``/worker_generate_stream``'s."""
     return [_to_message(index, message) for index, message in enumerate(request.messages)]
 
 
