@@ -5,12 +5,23 @@ from __future__ import annotations
 import logging
 import sys
 
+from broker_worker.protocol.connections import redact_text
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Masks the passwords of every URL in a formatted line, traceback included: a log line that prints a
+    URL (a Redis URL with ``?password=``, a controller URL with ``user:password@``) never shows the secret,
+    whoever wrote the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
 
 def configure(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

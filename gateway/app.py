@@ -6,17 +6,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
-from broker_worker.protocol.errors import describe_problems, invalid
+from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
+from gateway.auth import TokenAuth
 from gateway.controller_bridge import ControllerBridge
-from gateway.deps import require_token
 from gateway.errors import openai_error, seed_chunk, seed_error
 from gateway.metrics import Metrics
 from gateway.service import GatewayService
@@ -73,7 +73,12 @@ class _TooLarge(Exception):
 def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = AsyncClient(async_redis(settings.redis_url))
+        redis = async_redis(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
+        )
+        client = AsyncClient(redis)
         service = GatewayService(settings, client, Metrics())
         app.state.service = service
         bridge_task = None
@@ -94,18 +99,32 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
         description="InternVL/FastChat worker protocol and OpenAI API in front of Redis-fed workers.",
     )
-    protected = [Depends(require_token)]
-    app.include_router(routes_worker.router, dependencies=protected)
-    app.include_router(routes_controller.router, dependencies=protected)
-    app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_worker.router)
+    app.include_router(routes_controller.router)
+    app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TokenAuth, token=settings.api_token)  # outermost: nothing runs for a request without it
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
     return app
+
+
+#: Location parts that name a member of a union (``str | list[…]``), not a field of the body.
+_UNION_TAGS = {"body", "str", "constrained-str", "list[OpenAIPart]", "list[ChatMessage]"}
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     """Bad input gets the protocol's own typed error (40001 with the cause), not FastAPI's 422 format."""
-    problems = describe_problems(exc.errors(), skip={"body"}, empty="body")
-    err = invalid(f"invalid request: {problems}")
+    problems = describe_problems(exc.errors(), skip=_UNION_TAGS, empty="body")
+    return _typed(request, invalid(f"invalid request: {problems}"))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """The last boundary: a bug still answers a typed 50001 in the request's protocol (the traceback is logged
+    by the server), never a bare 500 page or a dropped connection."""
+    return _typed(request, JobError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+
+def _typed(request: Request, err: JobError) -> Response:
     return openai_error(err) if request.url.path.startswith("/v1/") else seed_error(err)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from broker_worker import settings_cli
 from broker_worker.protocol.connections import redact
+from gateway.deadlines import deadline_protocol
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway")
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.host,
         settings.port,
         redact(settings.redis_url),
-        settings.controller_address or "none",
+        redact(settings.controller_address or "none"),
     )
     app = create_app(settings)
     config = uvicorn.Config(
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,  # uvicorn's lines go through the root handler too, so its formatter redacts them
         timeout_graceful_shutdown=5,
+        http=deadline_protocol(settings.header_timeout_s, settings.body_timeout_s),
     )
     _Server(config, app).run()
     return 0

@@ -13,6 +13,7 @@ import logging
 import httpx
 from redis.exceptions import RedisError
 
+from broker_worker.protocol.connections import redact
 from gateway.service import GatewayService
 
 log = logging.getLogger("gateway.controller")
@@ -22,6 +23,7 @@ class ControllerBridge:
     def __init__(self, service: GatewayService, controller: str, http: httpx.AsyncClient | None = None) -> None:
         self.service = service
         self.controller = controller.rstrip("/")
+        self._shown = redact(self.controller)  # what the logs print: a user:password@ in it stays secret
         self.http = http or httpx.AsyncClient(timeout=5.0)
         self.registered = False
         self._models: list[str] = []
@@ -35,7 +37,7 @@ class ControllerBridge:
                 await asyncio.sleep(self.service.settings.heartbeat_s)
             except (httpx.HTTPError, RedisError, OSError, ValueError) as exc:
                 self.registered = False
-                log.warning("controller %s unreachable (%s); retrying in %.0fs", self.controller, exc, backoff)
+                log.warning("controller %s unreachable (%s); retrying in %.0fs", self._shown, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.service.settings.heartbeat_s)
 
@@ -60,8 +62,8 @@ class ControllerBridge:
         self.registered = True
         log.info(
             "registered with controller %s as %s serving %s",
-            self.controller,
-            self.service.settings.public_url(),
+            self._shown,
+            redact(self.service.settings.public_url()),
             worker_status.get("model_names"),
         )
 
@@ -75,7 +77,7 @@ class ControllerBridge:
         )
         response.raise_for_status()
         if not response.json().get("exist", False):
-            log.info("controller %s forgot this gateway; registering again", self.controller)
+            log.info("controller %s forgot this gateway; registering again", self._shown)
             self.registered = False
             await self.step()
 

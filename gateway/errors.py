@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from broker_worker.protocol.errors import ErrorCode, JobError
 
@@ -26,8 +26,16 @@ def http_status(code: int) -> int:
     return _HTTP_STATUS.get(code, 500)
 
 
+def json_bytes(body: object) -> bytes:
+    """UTF-8 JSON; a lone surrogate (echoed from hostile input) is escaped instead of failing the encode."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(body).encode()
+
+
 def seed_chunk(text: str, error_code: int = 0, **extra: Any) -> bytes:
-    return json.dumps({"text": text, "error_code": int(error_code), **extra}, ensure_ascii=False).encode() + b"\0"
+    return json_bytes({"text": text, "error_code": int(error_code), **extra}) + b"\0"
 
 
 def seed_error(err: JobError, status_code: int | None = None) -> Response:
@@ -39,6 +47,6 @@ def seed_error(err: JobError, status_code: int | None = None) -> Response:
     )
 
 
-def openai_error(err: JobError) -> JSONResponse:
+def openai_error(err: JobError) -> Response:
     body = {"error": {"message": err.message, "type": ErrorCode(err.code).name.lower(), "code": int(err.code)}}
-    return JSONResponse(body, status_code=http_status(err.code))
+    return Response(json_bytes(body), status_code=http_status(err.code), media_type="application/json")

@@ -41,6 +41,10 @@ class Metrics:
         )
         self.dead_letters = Gauge("broker_dead_letters", "Entries in the dead-letter stream", registry=r)
         self.redis_up = Gauge("broker_redis_up", "1 when Redis answered the last scrape", registry=r)
+        self.pubsub_channels = Gauge(
+            "gateway_pubsub_channels", "Job channels this gateway's streams are subscribed to", registry=r
+        )
+        self.job_readers = Gauge("gateway_job_readers", "Streams of this gateway registered as job readers", registry=r)
 
     def set_workers(self, workers: list[WorkerHealth], queues: dict[str, int]) -> None:
         self.live_workers.clear()

@@ -9,13 +9,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Job, SamplingParams, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
-from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, stop_list
+from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, stop_list, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -44,9 +45,9 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
             request.model, openai_to_prompt(request), params, service.settings, stop=stop_list(request.stop)
         )
         await service.admit(job.model)
-    except JobError as exc:
+    except (JobError, ValidationError) as exc:
         service.metrics.requests.labels("chat_completions", "refused").inc()
-        return openai_error(exc)
+        return openai_error(exc if isinstance(exc, JobError) else validation_error(exc))
     service.metrics.requests.labels("chat_completions", "accepted").inc()
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)

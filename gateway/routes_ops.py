@@ -37,6 +37,8 @@ async def health(service: Service) -> Response:
 @router.get("/metrics")
 async def metrics(service: Service) -> Response:
     m = service.metrics
+    m.pubsub_channels.set(service.client.subscriber.channels)
+    m.job_readers.set(len(service.client.readers))
     try:
         status = await service.status()
         m.set_workers(status.workers, status.queues)

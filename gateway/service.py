@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +14,6 @@ from broker_worker.protocol.messages import Event, Failed, Job, Usage, WorkerHea
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 
-log = logging.getLogger("gateway")
 STATUS_REUSE_S = 0.25
 
 
@@ -52,11 +49,17 @@ class GatewayService:
         self.settings = settings
         self.client = client
         self.metrics = metrics
-        self._background: set[asyncio.Task[None]] = set()
-        #: Set when the gateway itself shuts down: its streams end, but their jobs go on (clients resume by id).
-        self.draining = False
         self._status: Status | None = None
         self._status_at = 0.0
+
+    @property
+    def draining(self) -> bool:
+        """Set when the gateway itself shuts down: its streams end, but their jobs go on (clients resume by id)."""
+        return not self.client.cancel_abandoned
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.client.cancel_abandoned = not value
 
     async def status(self) -> Status:
         workers = await self.client.workers()
@@ -91,15 +94,15 @@ class GatewayService:
             )
 
     async def run(self, job: Job) -> AsyncIterator[Event]:
-        """Submit and stream; a client that goes away cancels the job. Ends with a terminal event or JobError."""
-        started, first, finished = time.monotonic(), True, False
+        """Submit and stream; a client that goes away cancels the job unless another reader still wants it
+        (``AsyncClient.generate``). Ends with a terminal event or JobError."""
+        started, first = time.monotonic(), True
         try:
             async for event in self.client.generate(job, self.settings.max_queue, **self._timeouts()):
                 if event.type == "delta" and first:
                     first = False
                     self.metrics.ttft.labels(job.model).observe(time.monotonic() - started)
                 self._observe(job, event, started)
-                finished = event.type in ("done", "failed", "cancelled")
                 yield event
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"lost Redis while streaming job {job.id}: {exc}") from exc
@@ -107,9 +110,6 @@ class GatewayService:
             outcome = "refused" if exc.code == ErrorCode.ENGINE_OVERLOADED else "timeout"
             self.metrics.jobs.labels(job.model, outcome).inc()
             raise exc
-        finally:
-            if not finished and not self.draining:
-                self.cancel_later(job.id)
 
     async def complete(self, job: Job) -> Outcome:
         """Run a job and collect it; a worker's ``failed`` event is returned, a stream error raised."""
@@ -142,16 +142,3 @@ class GatewayService:
                 self.metrics.tokens_per_s.labels(job.model).observe(event.usage.completion_tokens / elapsed)
         elif event.type in ("failed", "cancelled"):
             self.metrics.jobs.labels(job.model, event.type).inc()
-
-    def cancel_later(self, job_id: str) -> None:
-        """Cancel from a finally block (the request task may itself be cancelled): run it as its own task."""
-        task = asyncio.get_running_loop().create_task(self._cancel(job_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _cancel(self, job_id: str) -> None:
-        try:
-            await self.client.cancel(job_id)
-            log.info("job %s cancelled: its client went away", job_id)
-        except (RedisError, OSError) as exc:
-            log.warning("could not cancel job %s: %s", job_id, exc)

@@ -26,6 +26,18 @@ class GatewaySettings(RedisSettings):
     max_queue: int = Field(default=256, ge=1, description="queued + running jobs per model before 42903")
     start_timeout_s: float = Field(default=120.0, gt=0, description="a job no worker starts in this time fails")
     idle_timeout_s: float = Field(default=120.0, gt=0, description="a started job silent this long fails")
+    redis_max_connections: int = Field(
+        default=64, ge=2, description="Redis connections of this gateway; requests wait for a free one"
+    )
+    redis_pool_timeout_s: float = Field(
+        default=20.0, gt=0, description="a request waiting this long for a Redis connection fails (50001)"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a connection must send a request's headers within this time (408, closed)"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="a request's whole body must arrive within this time after its headers (408)"
+    )
     log_level: str = Field(default="info")
 
     def public_url(self) -> str:

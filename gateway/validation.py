@@ -2,11 +2,14 @@
 become a ``Job`` within the gateway's limits.
 
 Images are checked here (base64, format, header size) so bad input is refused in milliseconds with a typed
-error, before anything is queued. Only the header is parsed: a decompression bomb is never decompressed.
+error, before anything is queued. Only the header is parsed: a decompression bomb is never decompressed. Bytes
+after an image's end are dropped and its size is bounded by its pixels (``image_bytes``).
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
 import time
 from typing import Annotated, Any, Literal
 
@@ -27,6 +30,7 @@ from broker_worker.protocol.messages import (
     Job,
     SamplingParams,
 )
+from gateway import image_bytes
 from gateway.fastchat_conv import parse_prompt
 from gateway.settings import GatewaySettings
 
@@ -110,21 +114,25 @@ class CountRequest(BaseModel):
     )
 
 
+Text = Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+MAX_PARTS = 1024  # content parts of one OpenAI message (text pieces and images)
+
+
 class OpenAIImageUrl(BaseModel):
-    url: str
+    url: str = Field(max_length=MAX_IMAGE_B64_CHARS + 100)  # + the "data:image/…;base64," prefix
 
 
 class OpenAIPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text", "image_url"]
-    text: str | None = None
+    text: Text | None = None
     image_url: OpenAIImageUrl | None = None
 
 
 class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[OpenAIPart] | None = None
+    content: Text | Annotated[list[OpenAIPart], Field(max_length=MAX_PARTS)] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -205,17 +213,24 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def openai_to_prompt(request: OpenAIChatRequest) -> list[ChatMessage]:
-    prompt = []
-    for message in request.messages:
-        role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, list):
-            # joined as FastChat's openai_api_server joins them, so both paths give the model the same text
-            text = "\n".join(p.text or "" for p in message.content if p.type == "text")
-            images = [_data_url(p.image_url.url) for p in message.content if p.type == "image_url" and p.image_url]
-        else:
-            text, images = message.content or "", []
-        prompt.append(ChatMessage(role=role, content=text, image=images))
-    return prompt
+    """The worker protocol's prompt list; a message the job cannot hold (joined text too long, too many
+    images) is a typed 40001 naming the message, like ``/worker_generate_stream``'s."""
+    return [_to_message(index, message) for index, message in enumerate(request.messages)]
+
+
+def _to_message(index: int, message: OpenAIMessage) -> ChatMessage:
+    role = "system" if message.role == "developer" else message.role
+    if isinstance(message.content, list):
+        # joined as FastChat's openai_api_server joins them, so both paths give the model the same text
+        text = "\n".join(p.text or "" for p in message.content if p.type == "text")
+        images = [_data_url(p.image_url.url) for p in message.content if p.type == "image_url" and p.image_url]
+    else:
+        text, images = message.content or "", []
+    try:
+        return ChatMessage(role=role, content=text, image=images)
+    except ValidationError as exc:
+        where = describe_problems(exc.errors(), empty="message").replace("image:", "images:")
+        raise invalid(f"invalid request: messages.{index}.{where}") from exc
 
 
 def _data_url(url: str) -> str:
@@ -234,7 +249,7 @@ def build_job(
     stop: list[str] | None = None,
     stop_token_ids: list[int] | None = None,
 ) -> Job:
-    check_limits(prompt, params, settings)
+    prompt = check_limits(prompt, params, settings)
     deadline_ms = int((time.time() + settings.start_timeout_s) * 1000)
     fields: dict[str, Any] = params.model_dump(include=set(SamplingParams.model_fields))
     fields.update(stop=stop or [], stop_token_ids=stop_token_ids or [])
@@ -246,18 +261,30 @@ def build_job(
         raise validation_error(exc) from exc
 
 
-def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings) -> None:
+def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: GatewaySettings) -> list[ChatMessage]:
+    """The prompt within this gateway's limits, its images cut to the bytes they need (or a typed error)."""
     if params.max_new_tokens > settings.max_new_tokens:
         raise JobError(
             ErrorCode.PARAM_OUT_OF_RANGE,
             f"max_new_tokens {params.max_new_tokens} is over this gateway's limit {settings.max_new_tokens}",
         )
-    images = [b64 for m in prompt for b64 in m.image]
-    if len(images) > settings.max_images:
+    count = sum(len(m.image) for m in prompt)
+    if count > settings.max_images:
         raise JobError(
             ErrorCode.PARAM_OUT_OF_RANGE,
-            f"{len(images)} images in one request; this gateway accepts at most {settings.max_images}",
+            f"{count} images in one request; this gateway accepts at most {settings.max_images}",
         )
-    limits = ImageLimits(max_pixels=settings.max_image_pixels)
-    for index, b64 in enumerate(images, start=1):
-        open_image(decode_base64(b64, index, limits), index, limits, load=False)
+    limits, numbers = ImageLimits(max_pixels=settings.max_image_pixels), itertools.count(1)
+    return [
+        m.model_copy(update={"image": [_bounded(b64, next(numbers), limits) for b64 in m.image]}) if m.image else m
+        for m in prompt
+    ]
+
+
+def _bounded(b64: str, index: int, limits: ImageLimits) -> str:
+    """Header checked (nothing decompressed), bytes after the image's end dropped, size bounded by its pixels."""
+    data = decode_base64(b64, index, limits)
+    image = open_image(data, index, limits, load=False)
+    trimmed = image_bytes.trim(data)
+    image_bytes.check_size(trimmed, image, index)
+    return b64 if len(trimmed) == len(data) else base64.b64encode(trimmed).decode()

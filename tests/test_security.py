@@ -25,9 +25,9 @@ WORKER_ACL = (
     "+zadd +zrem +zrangebyscore +zremrangebyscore +expire +hget +hset +hincrby +exists +publish +multi +exec"
 )
 GATEWAY_ACL = (
-    "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hset +hsetnx +del +evalsha +eval "
-    "+script|load "
-    "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec"
+    "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hset +hsetnx +del +eval "
+    "+expire +exists +set +zrangebyscore +mget +subscribe +unsubscribe +multi +exec "
+    "+evalsha +script|load +script|exists +time +zadd +zrem +zremrangebyscore +zcard +pexpire"
 )
 
 

@@ -7,11 +7,9 @@ events, dropping duplicates by seq and filling any gap (or a quiet spell, or a R
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -22,102 +20,10 @@ from broker_worker.protocol import health, jobs
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
+from broker_worker.protocol.pubsub import RESYNC, Subscriber
+from broker_worker.protocol.readers import Readers
 
 log = logging.getLogger("broker_worker.protocol.client")
-_RESYNC = "resync"
-
-
-class Subscriber:
-    """One pub/sub connection shared by every stream; each channel feeds its own queues."""
-
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self._redis = redis
-        self._queues: dict[str, set[asyncio.Queue[str]]] = {}
-        self._confirmed: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        self._has_channels = asyncio.Event()
-
-    async def subscribe(self, channel: str) -> asyncio.Queue[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        first = channel not in self._queues
-        self._queues.setdefault(channel, set()).add(queue)
-        if first:
-            await self._send_subscribe(channel)
-        return queue
-
-    async def _send_subscribe(self, channel: str) -> None:
-        self._ensure_reader()
-        waiter = self._confirmed[channel] = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.subscribe(channel)
-            self._has_channels.set()
-            # A missed confirmation is harmless (the replay covers it); waiting bounds the usual race.
-            await asyncio.wait_for(asyncio.shield(waiter), timeout=2.0)
-
-    async def unsubscribe(self, channel: str, queue: asyncio.Queue[str]) -> None:
-        queues = self._queues.get(channel, set())
-        queues.discard(queue)
-        if not queues:
-            self._queues.pop(channel, None)
-            self._confirmed.pop(channel, None)
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(channel)
-
-    def _ensure_reader(self) -> None:
-        if self._pubsub is None:
-            self._pubsub = self._redis.pubsub()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                if not self._pubsub.subscribed:
-                    self._has_channels.clear()
-                    await self._has_channels.wait()  # woken by the next subscribe, not by polling
-                    continue
-                message = await self._pubsub.get_message(timeout=1.0)
-                backoff = 0.1
-            except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost (%s); resubscribing", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                await self._reconnect()
-                continue
-            if message is not None:
-                self._dispatch(message)
-
-    async def _reconnect(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
-        self._pubsub = self._redis.pubsub()
-        with contextlib.suppress(RedisError, OSError):
-            if self._queues:
-                await self._pubsub.subscribe(*self._queues)
-        for queues in self._queues.values():
-            for queue in queues:
-                queue.put_nowait(_RESYNC)
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = message.get("channel")
-        if message.get("type") == "subscribe":
-            waiter = self._confirmed.get(channel or "")
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        elif message.get("type") == "message":
-            for queue in self._queues.get(channel or "", ()):
-                queue.put_nowait(message["data"])
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
 
 
 class AsyncClient:
@@ -125,7 +31,11 @@ class AsyncClient:
         self.redis = redis
         self.store = jobs.JobStore(redis)
         self.subscriber = Subscriber(redis)
+        self.readers = Readers(redis)
         self.poll_s = poll_s
+        #: Cancel a job whose ``generate`` stream is given up before its end (its caller went away), unless
+        #: another reader still reads it. The gateway turns it off while it shuts down: clients resume by id.
+        self.cancel_abandoned = True
 
     @classmethod
     def from_url(cls, url: str) -> AsyncClient:
@@ -143,30 +53,30 @@ class AsyncClient:
 
         SUBSCRIBE is sent first but its confirmation is awaited together with the submission: one round trip
         less before the job is queued. An event published before the subscription took effect is read from the
-        replay record (gap or quiet-spell check), so nothing is lost either way.
+        replay record (gap or quiet-spell check), so nothing is lost either way. Given up before its end, the
+        job is cancelled when no other reader wants it (``cancel_abandoned``).
         """
-        channel = c.job_channel(job.id)
-        queue, submitted = await asyncio.gather(
-            self.subscriber.subscribe(channel), self.submit(job, max_queue), return_exceptions=True
-        )
-        assert isinstance(queue, asyncio.Queue)  # subscribe() does not raise: Redis errors end up in a resync
+        reader, finished = self.readers.new(job.id), False
         try:
-            if isinstance(submitted, BaseException):
-                raise submitted
-            async for event in self._events(job.id, queue, 0, **timeouts):
-                yield event
+            with self.subscriber.open(c.job_channel(job.id)) as subscription:
+                await asyncio.gather(subscription.confirmed(), self.submit(job), self.readers.join(reader))
+                async for event in self._events(job.id, subscription.queue, 0, **timeouts):
+                    finished = is_terminal(event)
+                    yield event
         finally:
-            await self.subscriber.unsubscribe(channel, queue)
+            self.readers.leave_later(reader, cancel=self.cancel_abandoned and not finished)
 
     async def stream(self, job_id: str, after_seq: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
-        """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one."""
-        channel = c.job_channel(job_id)
-        queue = await self.subscriber.subscribe(channel)
+        """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one.
+        A reader of the job meanwhile (another reader's hang-up does not cancel it); it never cancels it."""
+        reader = self.readers.new(job_id)
         try:
-            async for event in self._events(job_id, queue, after_seq, **timeouts):
-                yield event
+            with self.subscriber.open(c.job_channel(job_id)) as subscription:
+                await asyncio.gather(subscription.confirmed(), self.readers.join(reader))
+                async for event in self._events(job_id, subscription.queue, after_seq, **timeouts):
+                    yield event
         finally:
-            await self.subscriber.unsubscribe(channel, queue)
+            self.readers.leave_later(reader, cancel=False)
 
     async def _events(
         self,
@@ -195,7 +105,7 @@ class AsyncClient:
             raw = await asyncio.wait_for(queue.get(), self.poll_s)
         except TimeoutError:
             return await self._recheck(job_id, last)
-        if raw == _RESYNC:
+        if raw == RESYNC:
             return await self._recheck(job_id, last)
         event = parse_event(raw)
         if event.seq > last + 1:
@@ -230,6 +140,7 @@ class AsyncClient:
         return await health.queue_lengths(self.redis, models)
 
     async def close(self) -> None:
+        await self.readers.close()
         await self.subscriber.close()
         await self.redis.aclose()
 

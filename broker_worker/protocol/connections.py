@@ -8,16 +8,23 @@ command instead of by a process restart.
 
 from __future__ import annotations
 
+import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 SOCKET_TIMEOUT_S = 10.0
+#: Connections per asyncio client, and how long a command waits for a free one before a ConnectionError: a burst
+#: of requests queues for connections instead of failing.
+POOL_SIZE = 64
+POOL_TIMEOUT_S = 20.0
 _RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
 
 
@@ -66,21 +73,43 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
 
 
 def async_redis(
-    url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S, encoding_errors: str = "strict"
+    url: str,
+    socket_timeout: float | None = SOCKET_TIMEOUT_S,
+    *,
+    max_connections: int = POOL_SIZE,
+    pool_timeout_s: float = POOL_TIMEOUT_S,
+    encoding_errors: str = "strict",
 ) -> aioredis.Redis:
-    """``encoding_errors="surrogateescape"`` reads any bytes (workers: one bad entry must not stop the loop)."""
+    """An asyncio client whose pool holds at most ``max_connections``; a command that finds them all busy waits
+    up to ``pool_timeout_s`` for one (redis-py's default pool raises "Too many connections" at once instead).
+    ``encoding_errors="surrogateescape"`` reads any bytes (workers: one bad entry must not stop the loop)."""
     from redis.asyncio.retry import Retry as AsyncRetry
 
     options = _options(socket_timeout, AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3))
-    options["encoding_errors"] = encoding_errors
+    options |= {"max_connections": max_connections, "timeout": pool_timeout_s, "encoding_errors": encoding_errors}
     if not url.startswith(SENTINEL_SCHEME):
-        return aioredis.Redis.from_url(url, **options)
+        return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     target = parse_sentinel_url(url)
     sentinel = AsyncSentinel(target.sentinels, socket_timeout=socket_timeout)  # type: ignore[no-untyped-call]
-    primary: aioredis.Redis = sentinel.master_for(target.service, **target.auth(), **options)
+    primary: aioredis.Redis = sentinel.master_for(
+        target.service, connection_pool_class=_BlockingSentinelPool, **target.auth(), **options
+    )
     return primary
+
+
+class _BlockingSentinelPool(aioredis.BlockingConnectionPool, SentinelConnectionPool):
+    """A Sentinel-managed pool that waits for a free connection like ``BlockingConnectionPool``.
+
+    ``Sentinel.master_for`` passes (service, sentinel) positionally, which ``BlockingConnectionPool.__init__``
+    does not take: initialise the Sentinel side, then the blocking side's own state."""
+
+    def __init__(self, service_name: str, sentinel_manager: Any, *, timeout: float | None = 20, **kwargs: Any) -> None:
+        SentinelConnectionPool.__init__(self, service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._condition = asyncio.Condition()
+        self.timeout = timeout
+        self._in_maintenance = False
 
 
 def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> redis.Redis:
@@ -96,10 +125,36 @@ def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> red
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced, for logs."""
-    parts = urlsplit(url)
-    credentials, at, hosts = parts.netloc.rpartition("@")
-    if not at or ":" not in credentials:
+    """The URL with every password in it masked, for logs: ``user:password@`` (one host or a Sentinel list, even
+    with an unencoded ``@`` in the password) and secret query parameters (``?password=``, ``sentinel_password=``,
+    tokens). Never raises: it parses nothing that can be malformed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    netloc = f"{credentials.split(':', 1)[0]}:***@{hosts}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query_at = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    base, tail = rest[:query_at], rest[query_at:]
+    credentials, at, hosts = base.rpartition("@")  # the last @ before the query ends the userinfo
+    if at and ":" in credentials:
+        base = f"{credentials.split(':', 1)[0]}:***@{hosts}"
+    return f"{scheme}://{base}{_QUERY_PARAM.sub(_mask_param, tail)}"
+
+
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|auth|credential|key", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"(?<=[?&;])([^=&;#]*)=([^&;#]*)")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return f"{name}=***" if _SECRET_NAME.search(unquote(name)) else match.group(0)
+
+
+def redact_text(text: str) -> str:
+    """Every URL in a log line (message or traceback) redacted; trailing punctuation is kept outside it."""
+
+    def one(match: re.Match[str]) -> str:
+        url = match.group(0)
+        core = url.rstrip(".,;:)]}")
+        return redact(core) + url[len(core) :]
+
+    return _URL_IN_TEXT.sub(one, text) if "://" in text else text
