@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import Job, SamplingParams, Usage
+from broker_worker.protocol.messages import Event, Job, SamplingParams, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
@@ -45,13 +45,15 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
             request.model, openai_to_prompt(request), params, service.settings, stop=stop_list(request.stop)
         )
         await service.admit(job.model)
+        if request.stream:  # queued before the response starts: a full queue is an HTTP 429
+            events = await service.start(job)
     except (JobError, ValidationError) as exc:
         service.metrics.requests.labels("chat_completions", "refused").inc()
         return openai_error(exc if isinstance(exc, JobError) else validation_error(exc))
     service.metrics.requests.labels("chat_completions", "accepted").inc()
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return StreamingResponse(_sse(service, job, include_usage), media_type="text/event-stream")
+        return StreamingResponse(_sse(events, job, include_usage), media_type="text/event-stream")
     return await _complete(service, job)
 
 
@@ -87,7 +89,7 @@ async def _complete(service: GatewayService, job: Job) -> Response:
     )
 
 
-async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(events: AsyncIterator[Event], job: Job, include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
         """One SSE event; ``delta=None`` is OpenAI's usage chunk, whose ``choices`` is empty."""
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
@@ -103,7 +105,7 @@ async def _sse(service: GatewayService, job: Job, include_usage: bool) -> AsyncI
 
     yield chunk({"role": "assistant", "content": ""})
     try:
-        async for event in service.run(job):
+        async for event in events:
             if event.type == "delta":
                 yield chunk({"content": event.text})
             elif event.type == "done":

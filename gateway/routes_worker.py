@@ -59,12 +59,13 @@ async def _prepare(service: GatewayService, request: SeedRequest) -> Job:
 async def worker_generate_stream(body: SeedBody, service: Service) -> Response:
     try:
         job = await _prepare(service, body)
+        events = await service.start(job)  # queued before the response starts: a full queue is an HTTP 429
     except JobError as exc:
         service.metrics.requests.labels("worker_generate_stream", "refused").inc()
         return seed_error(exc)
     service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
     return StreamingResponse(
-        seed_chunks(service.run(job), job.id, body.echo_text),
+        seed_chunks(events, job.id, body.echo_text),
         media_type="application/octet-stream",
         headers={"X-Job-Id": job.id},
     )

@@ -77,7 +77,8 @@ class GatewayService:
         return await self.status()
 
     async def admit(self, model: str) -> None:
-        """Refuse at once what no worker will take: unknown model (40301), full queue (42903)."""
+        """Refuse at once what no worker will take: an unknown model (40301). (A full queue is refused when the
+        job is queued, atomically: ``start``.)"""
         try:
             status = await self.recent_status(model)
         except (RedisError, OSError) as exc:
@@ -85,20 +86,24 @@ class GatewayService:
         if model not in status.model_names:
             served = ", ".join(status.model_names) or "none"
             raise JobError(ErrorCode.INVALID_MODEL, f"no live worker serves model {model!r} (served: {served})")
-        depth = status.queues.get(model, 0)
-        if depth >= self.settings.max_queue:
-            raise JobError(
-                ErrorCode.ENGINE_OVERLOADED,
-                f"{depth} jobs are queued or running for {model!r} (limit {self.settings.max_queue}); "
-                "retry later or start more workers",
-            )
 
-    async def run(self, job: Job) -> AsyncIterator[Event]:
-        """Submit and stream; a client that goes away cancels the job unless another reader still wants it
-        (``AsyncClient.generate``). Ends with a terminal event or JobError."""
+    async def start(self, job: Job) -> AsyncIterator[Event]:
+        """Queue the job now, so a refusal (42903: the queue is full, checked atomically in Redis) is a JobError
+        before any response starts; return its events. A client that goes away cancels the job unless another
+        reader still wants it (``AsyncClient.start``). The stream ends with a terminal event or JobError."""
+        try:
+            events = await self.client.start(job, self.settings.max_queue, **self._timeouts())
+        except (RedisError, OSError) as exc:
+            raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
+        except JobError as exc:
+            self.metrics.jobs.labels(job.model, "refused").inc()
+            raise exc
+        return self._observed(job, events)
+
+    async def _observed(self, job: Job, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         started, first = time.monotonic(), True
         try:
-            async for event in self.client.generate(job, self.settings.max_queue, **self._timeouts()):
+            async for event in events:
                 if event.type == "delta" and first:
                     first = False
                     self.metrics.ttft.labels(job.model).observe(time.monotonic() - started)
@@ -107,14 +112,13 @@ class GatewayService:
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"lost Redis while streaming job {job.id}: {exc}") from exc
         except JobError as exc:
-            outcome = "refused" if exc.code == ErrorCode.ENGINE_OVERLOADED else "timeout"
-            self.metrics.jobs.labels(job.model, outcome).inc()
+            self.metrics.jobs.labels(job.model, f"error_{int(exc.code)}").inc()
             raise exc
 
     async def complete(self, job: Job) -> Outcome:
         """Run a job and collect it; a worker's ``failed`` event is returned, a stream error raised."""
         outcome = Outcome()
-        async for event in self.run(job):
+        async for event in await self.start(job):
             if event.type == "delta":
                 outcome.text += event.text
             elif event.type == "done":

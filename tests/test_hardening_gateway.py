@@ -214,6 +214,8 @@ def _openai_body() -> dict[str, Any]:
         "repetition_penalty": 1.0,
         "max_input_tiles": 6,
         "n": 1,
+        "stop": ["x"],
+        "logprobs": False,
     }
 
 
@@ -585,3 +587,40 @@ def test_stream_in_flight_gets_live_events_again_after_an_outage(tmp_path: Path,
         assert result[-1]["text"] == expected("outage", 600)
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("endpoint", ["/worker_generate_stream", "/v1/chat/completions"])
+def test_queue_limit_holds_under_a_burst_and_refusals_are_http_429(  # type: ignore[no-untyped-def]
+    endpoint: str, r: redis.Redis, start_worker, start_gateway
+) -> None:
+    """Admission is one Redis script (depth check + XADD), done before the response starts: a burst of 40 gets
+    exactly --max-queue 200s, the rest 429 with 42903, and the job stream never holds more."""
+    start_worker(delay=0.2, slots=1)
+    _, base = start_gateway("--max-queue", "5")
+    wait_for(lambda: served_models(base) == ["fake"], 30, "the worker to be served")
+    if endpoint == "/v1/chat/completions":
+        body: dict[str, Any] = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    else:
+        body = {"model": "fake", "prompt": [{"role": "user", "content": "hi"}], "max_new_tokens": 50}
+    depths: list[int] = []
+
+    async def one(client: httpx.AsyncClient, hold: asyncio.Event) -> tuple[int, bytes]:
+        async with client.stream("POST", base + endpoint, json=body) as response:
+            if response.status_code == 200:
+                depths.append(r.xlen("ivl:jobs:fake"))
+                await hold.wait()
+            return response.status_code, await response.aread() if response.status_code != 200 else b""
+
+    async def burst() -> list[tuple[int, bytes]]:
+        hold = asyncio.Event()
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+            tasks = [asyncio.create_task(one(client, hold)) for _ in range(40)]
+            await asyncio.to_thread(wait_for, lambda: sum(t.done() for t in tasks) + len(depths) == 40, 60, "all")
+            hold.set()
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(burst())
+    codes = [code for code, _ in results]
+    assert (codes.count(200), codes.count(429)) == (5, 35), codes
+    assert all(b"42903" in text for code, text in results if code == 429)
+    assert max(depths) <= 5

@@ -48,23 +48,39 @@ class AsyncClient:
         ``max_queue`` > 0: refuse with 42903 when the model has that many jobs queued or running (atomic)."""
         return await self.store.submit(job, max_queue)
 
-    async def generate(self, job: Job, max_queue: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
-        """Subscribe, submit, then stream the job's events until the terminal one.
+    async def start(self, job: Job, max_queue: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
+        """Subscribe and queue the job now (a refusal, e.g. 42903 for a full queue, raises here, before any
+        event), then return its event stream, through the terminal event.
 
         SUBSCRIBE is sent first but its confirmation is awaited together with the submission: one round trip
         less before the job is queued. An event published before the subscription took effect is read from the
         replay record (gap or quiet-spell check), so nothing is lost either way. Given up before its end, the
-        job is cancelled when no other reader wants it (``cancel_abandoned``).
-        """
-        reader, finished = self.readers.new(job.id), False
+        job is cancelled when no other reader wants it (``cancel_abandoned``). The stream is a generator that
+        has already started, so even one that is dropped without being read is closed (by asyncio's finaliser)."""
+        events = self._run(job, max_queue, timeouts)
+        assert await anext(events) is None  # up to the submission
+        return events  # type: ignore[return-value]  # every item after the first is an Event
+
+    async def generate(self, job: Job, max_queue: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
+        """``start`` and read the stream."""
+        async for event in await self.start(job, max_queue, **timeouts):
+            yield event
+
+    async def _run(self, job: Job, max_queue: int, timeouts: dict[str, float | None]) -> AsyncIterator[Event | None]:
+        reader, queued, finished = self.readers.new(job.id), False, False
         try:
             with self.subscriber.open(c.job_channel(job.id)) as subscription:
-                await asyncio.gather(subscription.confirmed(), self.submit(job), self.readers.join(reader))
+                steps = subscription.confirmed(), self.submit(job, max_queue), self.readers.join(reader)
+                results = await asyncio.gather(*steps, return_exceptions=True)
+                if error := next((r for r in results if isinstance(r, BaseException)), None):
+                    raise error
+                queued = True
+                yield None
                 async for event in self._events(job.id, subscription.queue, 0, **timeouts):
                     finished = is_terminal(event)
                     yield event
-        finally:
-            self.readers.leave_later(reader, cancel=self.cancel_abandoned and not finished)
+        finally:  # a refused submission cancels nothing: the id may be another request's running job
+            self.readers.leave_later(reader, cancel=self.cancel_abandoned and queued and not finished)
 
     async def stream(self, job_id: str, after_seq: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
         """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one.
