@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,8 +32,14 @@ def test_compose_structure() -> None:
     assert "container_name" not in worker and "ports" not in worker  # required for --scale worker=N
     assert any(v.endswith(":/models:ro") for v in worker["volumes"])
     assert "appendonly" in services["redis"]["command"]
-    text = (ROOT / "docker-compose.yml").read_text().lower()
-    assert "password=" not in text.replace("redis_password:-", "") or "${" in text  # secrets only via env
+    text = (ROOT / "docker-compose.yml").read_text()
+    secrets = re.findall(r"\$\{(\w*(?:PASSWORD|TOKEN)\w*)(?::-([^}]*))?\}", text)
+    assert {name for name, _ in secrets} == {"REDIS_PASSWORD", "GATEWAY_API_TOKEN"}
+    assert {default for _, default in secrets} == {""}  # secrets only via env, with no default value
+    for service in services.values():
+        for key, value in (service.get("environment") or {}).items():
+            if "PASSWORD" in key or "TOKEN" in key:
+                assert str(value).startswith("${"), (key, value)
     assert (ROOT / worker["build"]["dockerfile"]).exists()
     assert "torch" not in (ROOT / services["gateway"]["build"]["dockerfile"]).read_text().lower().replace(
         "no torch", ""
@@ -76,7 +84,9 @@ def test_make_demo_starts_everything_and_stops_clean(tmp_path: Path) -> None:
             "max_new_tokens": 8,
         }
         body = httpx.post(base + "/worker_generate_stream", json=payload, timeout=60).content
-        assert body.endswith(b"\0") and b'"error_code": 0' in body
+        assert body.endswith(b"\0")
+        last = json.loads(body.split(b"\0")[-2])
+        assert last["error_code"] == 0 and last["finish_reason"] in ("stop", "length")
         assert "its answers are noise" in demo.log()
         assert redis.Redis(port=redis_port).ping()  # the demo started its own Redis on REDIS_URL's port
     finally:
