@@ -166,13 +166,9 @@ def test_chat_ui_in_headless_chromium(
         messages = page.locator('[data-testid="stChatMessage"]')
         wait_for(lambda: messages.count() >= 2, 60, "the user and assistant messages")
         answer = messages.nth(1).locator('[data-testid="stMarkdown"]')
-        lengths: list[int] = []
-
-        def grown() -> bool:
-            lengths.append(len(answer.all_inner_texts()[0]) if answer.count() else 0)
-            return len(set(lengths)) >= 3 and lengths[-1] > 0  # seen growing: it streams
-
-        wait_for(grown, 60, "streamed text to appear and grow", step=0.02)
+        # Text appears (that it grows token by token is checked with the fake model's steady stream in
+        # test_stop_button_cancels_the_job: the noise model may end its answer in one render).
+        wait_for(lambda: answer.count() and answer.all_inner_texts()[0], 60, "the answer's text", step=0.02)
         page.screenshot(path=str(ARTIFACTS / "chat_ui_streaming.png"), full_page=True)
         wait_for(
             lambda: (
@@ -209,7 +205,13 @@ def test_stop_button_cancels_the_job(  # type: ignore[no-untyped-def]
         chat.fill("Tell me a long story")
         chat.press("Enter")
         answer = page.locator('[data-testid="stChatMessage"]').nth(1).locator('[data-testid="stMarkdown"]')
-        wait_for(lambda: answer.count() and len(answer.all_inner_texts()[0]) > 20, 60, "some streamed text")
+        lengths: list[int] = []
+
+        def grown() -> bool:
+            lengths.append(len(answer.all_inner_texts()[0]) if answer.count() else 0)
+            return len({n for n in lengths if n}) >= 3 and lengths[-1] > 20  # seen growing: it streams
+
+        wait_for(grown, 60, "streamed text to appear and grow", step=0.02)
         page.get_by_role("button", name="Stop generating").click()
         page.get_by_text("(stopped)").wait_for(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "chat_ui_stopped.png"), full_page=True)

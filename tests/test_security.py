@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import Proc, RedisServer, end_to_end, png_b64
+from tests.helpers import ROOT, Proc, RedisServer, end_to_end, png_b64
 from tests.test_images import png_bomb
 
 # The ACL users docs/reliability.md documents (keys and channels under ivl:, only the commands each side uses).
@@ -170,3 +171,15 @@ def post_raw_body(base: str, size: int) -> int:
         )
         status_line = conn.recv(4096).split(b"\r\n")[0]
     return int(status_line.split()[1])
+
+
+def test_no_pickle_anywhere() -> None:
+    """Every message on Redis is JSON (docs/reliability.md): no serializer that runs code on load is imported."""
+    sources = [*Path(ROOT / "broker_worker").rglob("*.py"), *Path(ROOT / "gateway").rglob("*.py")]
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sources
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.match(r"\s*(import|from)\s+(pickle|cPickle|cloudpickle|dill|marshal|shelve)\b", line)
+    ]
+    assert len(sources) > 20 and found == []
