@@ -271,6 +271,8 @@ def test_engine_exception_fails_the_job_and_the_worker_keeps_serving(  # type: i
         50001,
         "RuntimeError: fake engine crashed: crash: on purpose",
     )
+    worker.wait_log(r"job boom received \(entry \d+-\d+\)")
+    worker.wait_log(r"job boom started \(queued \d+\.\d\ds, 0 chars already sent\)")
     worker.wait_log("job boom crashed in the engine")
     worker.wait_log(r"job boom failed in \d+\.\d\ds")
     assert "Traceback" in worker.log()  # the real error is logged with its stack
