@@ -189,7 +189,7 @@ def controller() -> Iterator[FakeController]:
 
 def test_controller_bridge(controller: FakeController, start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.001)
-    _, base = start_gateway(
+    gateway, base = start_gateway(
         "--controller-address",
         controller.url,
         "--heartbeat-s",
@@ -207,6 +207,7 @@ def test_controller_bridge(controller: FakeController, start_worker, start_gatew
     controller.known.clear()  # the controller expired us: the next heartbeat answers exist: false
     wait_for(lambda: len(controller.registrations) >= 2, 10, "re-registration after exist: false")
     controller.stop()
+    gateway.wait_log(r"controller http://\S+ unreachable")  # the bridge saw it go, and keeps retrying
     payload = {
         "model": "fake",
         "prompt": [{"role": "user", "content": "while the controller is down"}],
