@@ -327,7 +327,7 @@ def test_deltas_are_coalesced_within_the_stream_interval(r: redis.Redis, start_w
     entries = [(entry_id, json.loads(f["e"])) for entry_id, f in r.xrange("ivl:job:{co}:events")]
     deltas = [(int(entry_id.split("-")[0]), e) for entry_id, e in entries if e["type"] == "delta"]
     assert text_of([e for _, e in deltas]) == expected_text("hello", 200)
-    assert 2 < len(deltas) < 20  # 200 tokens in a handful of events
+    assert 2 < len(deltas) <= 40  # 200 tokens in a handful of events (about 6; 40 leaves room for a slow machine)
     gaps = [b - a for (a, _), (b, _) in itertools.pairwise(deltas)][:-1]  # the last one flushes at the end
     assert min(gaps) >= 150, gaps  # 200 ms apart by Redis' clock, less the latency of one publish
 
