@@ -125,7 +125,6 @@ def test_kill_9_one_of_two_workers_under_20_streams(  # type: ignore[no-untyped-
         if (parts := split_at_resume(evs)) is not None and len(parts[0]) >= 20:
             before, after = parts
             assert not after.startswith(before[:20]), (before, after)  # continued, not started over
-            assert chunks[-1]["usage"]["completion_tokens"] <= 48
             checked += 1
     assert checked >= 1  # the killed worker's jobs were taken over and resumed
 
