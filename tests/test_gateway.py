@@ -472,3 +472,18 @@ def test_finish_reasons_and_engine_errors_reach_http_clients(start_worker, start
     sse = httpx.post(base + "/v1/chat/completions", json=openai | {"stream": True}, timeout=30).text
     finals = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
     assert [c["choices"][0]["finish_reason"] for c in finals if c["choices"]][-1] == "stop"
+
+
+def test_invalid_job_ids_are_refused(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    _, base = start_gateway()
+    for bad in ("a{b}", "x" * 81, "white space"):  # a brace would break the {id} hash tag of the job's keys
+        body = {"model": "fake", "prompt": [{"role": "user", "content": "hi"}], "job_id": bad}
+        status, parts = stream(base, body)
+        assert (status, parts[-1]["error_code"]) == (400, 40001)
+        assert parts[-1]["text"].startswith("invalid request: job_id: String should match pattern")
+    for path in ("/jobs/a{b}/stream", "/jobs/a{b}/cancel"):
+        response = httpx.request("GET" if path.endswith("stream") else "POST", base + path)
+        assert response.status_code == 400 and chunks(response.content)[-1]["error_code"] == 40001
+    assert r.xlen("ivl:jobs:fake") == 0 and not list(r.scan_iter("ivl:job:*"))  # nothing queued, nothing set
+    assert stream(base, {"model": "fake", "prompt": [{"role": "user", "content": "hi"}], "job_id": "x" * 80})[0] == 200
