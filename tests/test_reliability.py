@@ -219,6 +219,32 @@ def test_redis_restart_with_aof_keeps_queued_jobs_and_finishes_them(tmp_path: Pa
         server.kill()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug (reproductions/pubsub_after_outage.py, issue 10): after an outage longer than redis-py's "
+    "retries the gateway never subscribes again the channels of streams in flight; they go on by the 1 s poll",
+)
+def test_streams_in_flight_subscribe_again_after_a_redis_outage(tmp_path: Path, procs: list[Proc]) -> None:
+    server = RedisServer(tmp_path, extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    try:
+        procs.append(spawn("worker", worker_args(server.url, delay=0.05, lease_s=5.0), tmp_path))
+        gateway, base = spawn_gateway(server.url, tmp_path, "--idle-timeout-s", "60")
+        procs.append(gateway)
+        wait_for(lambda: served_models(base) == ["fake"], 60, "gateway and worker")
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(run_request, base, app_payload("fake", "outage", 300, image=False))  # 15 s
+            wait_for(lambda: streaming_and_queued(server.client()) == (1, 1), 30, "the job streaming")
+            server.kill()
+            gateway.wait_log("pub/sub connection lost")  # down longer than the client's own retries
+            gateway.wait_log(r"job \w+: replay read failed")
+            server.start()
+            wait_for(lambda: pubsub_clients(server.client()), 10, "the gateway to subscribe again while the job runs")
+            chunks = future.result(timeout=60)
+        assert chunks[-1]["text"] == expected("outage", 300)
+    finally:
+        server.kill()
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_gateway_restart_client_resumes_by_job_id(
     start_worker, start_gateway, r: redis.Redis, how: signal.Signals
