@@ -118,7 +118,7 @@ def set_at(value: dict[str, Any], path: Path, new: Any) -> dict[str, Any]:
 
 
 def job_mutations(value: dict[str, Any], *, job_only: bool = True) -> st.SearchStrategy[tuple[Path, Any]]:
-    """One broken field of a valid job (or seed request, without ``job_only``), and where pydantic says so."""
+    """One broken field of a valid job (or of a worker-protocol request: ``job_only=False``), and where it shows."""
     message = st.integers(0, len(value["prompt"]) - 1)
     numeric = st.sampled_from(SAMPLING_FIELDS).flatmap(lambda f: out_of_range(Job, f).map(lambda v: ((f,), v)))
     shared = st.one_of(
@@ -176,7 +176,7 @@ def test_stream_entries_are_jobs_or_bad_entries_that_say_why(job: Job, data: st.
 
 @st.composite
 def conversations(draw: st.DrawFn) -> list[ChatMessage]:
-    """What the seed accepts: an optional system first, user and assistant turns after a first user message, a
+    """What InternVL accepts: an optional system first, user and assistant turns after a first user message, a
     user message last, then optionally the empty assistant message InternVL's app appends."""
     user = st.builds(
         ChatMessage, role=st.just("user"), content=st.text(max_size=20), image=st.lists(st.just(IMAGE), max_size=3)
@@ -248,7 +248,7 @@ def test_events_round_trip_and_broken_ones_are_refused(event: Any, data: st.Data
         assert [e["type"] for e in refused.value.errors()] in (["union_tag_invalid"], ["union_tag_not_found"])
 
 
-seed_requests = st.builds(
+worker_requests = st.builds(
     SeedRequest,
     model=st.text(min_size=1, max_size=20),
     prompt=st.lists(messages, min_size=1, max_size=5),
@@ -258,8 +258,8 @@ seed_requests = st.builds(
 
 
 @FAST
-@given(seed_requests, st.data())
-def test_seed_requests_become_jobs_and_broken_ones_are_refused(request: SeedRequest, data: st.DataObject) -> None:
+@given(worker_requests, st.data())
+def test_worker_requests_become_jobs_and_broken_ones_are_refused(request: SeedRequest, data: st.DataObject) -> None:
     value = request.model_dump(mode="json")
     parsed = SeedRequest.model_validate(value)
     built = build_job(parsed.model, parsed.prompt, parsed, GatewaySettings(), parsed.job_id)

@@ -454,11 +454,11 @@ def test_finish_reasons_and_engine_errors_reach_http_clients(start_worker, start
     start_worker()
     _, base = start_gateway()
 
-    def seed(question: str, tokens: int = 8) -> dict[str, Any]:
+    def last_chunk(question: str, tokens: int = 8) -> dict[str, Any]:
         body = {"model": "fake", "prompt": [{"role": "user", "content": question}], "max_new_tokens": tokens}
         return stream(base, body)[1][-1]
 
-    stopped, capped, crashed = seed("eos: early"), seed("full"), seed("crash: now")
+    stopped, capped, crashed = last_chunk("eos: early"), last_chunk("full"), last_chunk("crash: now")
     assert (stopped["finish_reason"], stopped["text"], stopped["usage"]["completion_tokens"]) == (
         "stop",
         "t0:10 t1:10 t2:10 t3:10 ",

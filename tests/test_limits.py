@@ -8,6 +8,7 @@ stream caps: tests/test_jobs.py; deliveries: tests/test_worker.py.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from typing import Any
@@ -84,7 +85,7 @@ def test_worker_dead_letters_what_is_over_a_hard_limit(r: redis.Redis, start_wor
     assert worker.alive
 
 
-def seed(base: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def post_stream(base: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     body = {"model": "fake", "prompt": [user()], "max_new_tokens": 4} | fields
     response = httpx.post(base + "/worker_generate_stream", json=body, timeout=60)
     return response.status_code, json.loads(response.content.rstrip(b"\0").split(b"\0")[-1])
@@ -98,7 +99,18 @@ def raw_request(base: str, announced: int) -> bytes:
             f"POST /worker_generate_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {announced}\r\n\r\n".encode()
         )
-        return conn.recv(65536)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < body_length(answer):
+            piece = conn.recv(65536)  # headers and body may come in separate packets
+            if not piece:
+                break
+            answer += piece
+        return answer
+
+
+def body_length(answer: bytes) -> int:
+    found = re.search(rb"content-length: (\d+)", answer.partition(b"\r\n\r\n")[0], re.IGNORECASE)
+    return int(found.group(1)) if found else 0
 
 
 def test_gateway_default_limits(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -107,41 +119,44 @@ def test_gateway_default_limits(start_worker, start_gateway) -> None:  # type: i
     answer = raw_request(base, 64 * MIB + 1)
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"request body of 67108865 bytes is over the limit of 67108864 bytes" in answer
-    assert seed(base, {"prompt": [user(images=17)]}) == (
+    assert post_stream(base, {"prompt": [user(images=17)]}) == (
         400,
         {"text": "17 images in one request; this gateway accepts at most 16", "error_code": 40302},
     )
-    assert seed(base, {"prompt": [user(images=16)]})[1]["error_code"] == 0
-    assert seed(base, {"max_new_tokens": 4097}) == (
+    assert post_stream(base, {"prompt": [user(images=16)]})[1]["error_code"] == 0
+    assert post_stream(base, {"max_new_tokens": 4097}) == (
         400,
         {"text": "max_new_tokens 4097 is over this gateway's limit 4096", "error_code": 40302},
     )
-    status, last = seed(base, {"max_new_tokens": 4096})
+    status, last = post_stream(base, {"max_new_tokens": 4096})
     assert (status, last["error_code"], last["usage"]["completion_tokens"]) == (200, 0, 4096)
-    status, last = seed(base, {"prompt": [{"role": "user", "content": "hi", "image": [png_bomb(7072, 7071)]}]})
+    status, last = post_stream(base, {"prompt": [{"role": "user", "content": "hi", "image": [png_bomb(7072, 7071)]}]})
     assert (status, last["error_code"]) == (400, 40001)
     assert last["text"] == "image 1: 7072x7071 pixels is over the limit (50000000 pixels, 20000 per side)"
-    status, last = seed(base, {"prompt": conversation(257)})
+    status, last = post_stream(base, {"prompt": conversation(257)})
     assert (status, last["error_code"]) == (400, 40001) and "at most 256 items" in last["text"]
-    assert seed(base, {"prompt": conversation(256)})[1]["error_code"] == 0
+    assert post_stream(base, {"prompt": conversation(256)})[1]["error_code"] == 0
 
 
 def test_gateway_configured_limits_and_the_hard_ones_behind_them(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.0)
     _, base = start_gateway("--max-images", "64", "--max-image-pixels", "10000", "--max-new-tokens", "20000")
-    status, last = seed(base, {"prompt": conversation(3, images=33)})
+    status, last = post_stream(base, {"prompt": conversation(3, images=33)})
     assert (status, last["error_code"]) == (400, 40001)
     assert "33 images in one job; at most 32 are allowed" in last["text"]
-    assert seed(base, {"prompt": conversation(3, images=32)})[1]["error_code"] == 0
-    status, last = seed(base, {"prompt": [{"role": "user", "content": "hi", "image": [png_b64(101, 100)]}]})
+    assert post_stream(base, {"prompt": conversation(3, images=32)})[1]["error_code"] == 0
+    status, last = post_stream(base, {"prompt": [{"role": "user", "content": "hi", "image": [png_b64(101, 100)]}]})
     assert last == {
         "text": "image 1: 101x100 pixels is over the limit (10000 pixels, 20000 per side)",
         "error_code": 40001,
     }
     assert (
-        seed(base, {"prompt": [{"role": "user", "content": "hi", "image": [png_b64(100, 100)]}]})[1]["error_code"] == 0
+        post_stream(base, {"prompt": [{"role": "user", "content": "hi", "image": [png_b64(100, 100)]}]})[1][
+            "error_code"
+        ]
+        == 0
     )
-    status, last = seed(base, {"max_new_tokens": 16_385})
+    status, last = post_stream(base, {"max_new_tokens": 16_385})
     assert (status, last["error_code"]) == (400, 40001)
     assert "max_new_tokens: Input should be less than or equal to 16384" in last["text"]
 
@@ -156,10 +171,10 @@ def test_queue_depth_limit_defaults_to_256(start_gateway, r: redis.Redis) -> Non
         for k in range(255):
             pipe.xadd("ivl:jobs:fake", {"job": json.dumps(job(f"queued-{k}"))})
         pipe.execute()
-    status, last = seed(base, {"job_id": "the-256th"})  # 255 queued: admitted, queued, never started
+    status, last = post_stream(base, {"job_id": "the-256th"})  # 255 queued: admitted, queued, never started
     assert (status, last["error_code"]) == (200, 50006)
     assert r.xlen("ivl:jobs:fake") == 256
-    assert seed(base, {}) == (
+    assert post_stream(base, {}) == (
         429,
         {
             "text": "256 jobs are queued or running for 'fake' (limit 256); retry later or start more workers",
