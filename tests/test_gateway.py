@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import free_port, png_b64, wait_for
+from tests.helpers import events, free_port, png_b64, text_of, wait_for
 
 
 def app_payload(model: str, question: str, images: list[str], max_new_tokens: int = 32) -> dict[str, Any]:
@@ -85,12 +85,11 @@ def test_worker_generate_and_controller_api(tiny_stack: str) -> None:
     assert httpx.post(tiny_stack + "/model_details", json={"model": "tiny-internvl"}).json()["context_length"] == 8192
 
 
-def test_typed_errors_and_service_keeps_serving(tiny_stack: str) -> None:
-    started = time.monotonic()
+def test_typed_errors_and_service_keeps_serving(tiny_stack: str, r: redis.Redis) -> None:
     status, parts = stream(tiny_stack, app_payload("no-such-model", "hi", []))
-    assert time.monotonic() - started < 1.0
     assert (status, parts[-1]["error_code"]) == (404, 40301)
-    assert "no-such-model" in parts[-1]["text"]
+    assert parts[-1]["text"] == "no live worker serves model 'no-such-model' (served: tiny-internvl)"
+    assert not r.exists("ivl:jobs:no-such-model")  # refused before queueing (how fast: bench/refusals.py)
     status, parts = stream(tiny_stack, app_payload("tiny-internvl", "hi", ["this is not base64 !!!"]))
     assert (status, parts[-1]["error_code"]) == (400, 40001)
     assert "image 2: invalid base64" in parts[-1]["text"]
@@ -121,10 +120,19 @@ def test_client_disconnect_cancels_the_job(start_worker, start_gateway, r: redis
         for _ in response.iter_bytes():
             if len(r.xrange(f"ivl:job:{{{job_id}}}:events")) >= 3:
                 break
+        # Frozen from here until the cancel is in, the worker cannot produce text the bound below would miss.
+        worker.signal(signal.SIGSTOP)
+    try:  # the connection is closed: the client went away
+        wait_for(lambda: r.exists(f"ivl:job:{{{job_id}}}:cancel"), 15, "the gateway to cancel the job")
+        at_cancel = text_of(events(r, job_id))
+    finally:
+        worker.signal(signal.SIGCONT)
     wait_for(lambda: r.hget(f"ivl:job:{{{job_id}}}:state", "status") == "cancelled", 15, "the job to be cancelled")
-    worker.wait_log(f"job {job_id} cancelled")
-    tokens = "".join(json.loads(f["e"]).get("text", "") for _, f in r.xrange(f"ivl:job:{{{job_id}}}:events"))
-    assert len(tokens.split()) < 1000
+    worker.wait_log(f"job {job_id} cancelled in ")
+    evs = events(r, job_id)
+    assert evs[-1]["type"] == "cancelled"
+    assert text_of(evs).startswith(at_cancel)
+    assert len(text_of(evs).removeprefix(at_cancel).split()) <= 1  # the worker stopped within one token
 
 
 class FakeController:
@@ -181,7 +189,7 @@ def controller() -> Iterator[FakeController]:
 
 def test_controller_bridge(controller: FakeController, start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.001)
-    _, base = start_gateway(
+    gateway, base = start_gateway(
         "--controller-address",
         controller.url,
         "--heartbeat-s",
@@ -199,15 +207,15 @@ def test_controller_bridge(controller: FakeController, start_worker, start_gatew
     controller.known.clear()  # the controller expired us: the next heartbeat answers exist: false
     wait_for(lambda: len(controller.registrations) >= 2, 10, "re-registration after exist: false")
     controller.stop()
+    gateway.wait_log(r"controller http://\S+ unreachable")  # the bridge saw it go, and keeps retrying
     payload = {
         "model": "fake",
         "prompt": [{"role": "user", "content": "while the controller is down"}],
         "max_new_tokens": 5,
     }
-    started = time.monotonic()
     status, parts = stream(base, payload, timeout=10)
     assert status == 200 and parts[-1]["error_code"] == 0
-    assert time.monotonic() - started < 5
+    assert parts[-1]["text"] == "t0:28 t1:28 t2:28 t3:28 t4:28 "
     registered = len(controller.registrations)
     controller.start()
     wait_for(lambda: len(controller.registrations) > registered, 30, "registration after the controller returns")
@@ -285,13 +293,56 @@ def test_metrics_parse(tiny_stack: str) -> None:
     assert health["workers"] == {"tiny-internvl": 1}
 
 
-def test_bearer_token(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
+def api_routes(*, job_routes: bool) -> list[tuple[str, str]]:
+    """(method, path) of every route in the gateway's OpenAPI schema but /health and /metrics; the /jobs/… ones
+    or the others. Read from the app, so a route added later is checked too."""
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    paths = create_app(GatewaySettings(api_token="s3cret")).openapi()["paths"]
+    routes = [(method.upper(), path) for path, operations in paths.items() for method in operations]
+    return [(m, p) for m, p in routes if p not in ("/health", "/metrics") and p.startswith("/jobs/") == job_routes]
+
+
+def refused_without_token(base: str, routes: list[tuple[str, str]]) -> dict[str, int]:
+    """Status of each route without a token (should be 401), and with it (should be anything else)."""
+    statuses = {}
+    for method, path in routes:
+        url = base + path.replace("{job_id}", "no-token-job")
+        without = httpx.request(method, url, timeout=30).status_code
+        with_token = httpx.request(method, url, headers={"Authorization": "Bearer s3cret"}, timeout=30).status_code
+        statuses[f"{method} {path}"] = (without, with_token != 401)
+    return {route: without for route, (without, accepted) in statuses.items() if without != 401 or not accepted}
+
+
+def test_bearer_token_guards_the_protocol_endpoints(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
     start_worker()
     _, base = start_gateway("--api-token", "s3cret")
-    assert httpx.post(base + "/worker_get_status").status_code == 401
-    ok = httpx.post(base + "/worker_get_status", headers={"Authorization": "Bearer s3cret"})
-    assert ok.status_code == 200
-    assert httpx.get(base + "/health").status_code == 200
+    routes = api_routes(job_routes=False)
+    assert len(routes) >= 10  # the worker protocol, the controller API and the OpenAI API
+    assert refused_without_token(base, routes) == {}
+    wrong = httpx.post(base + "/worker_get_status", headers={"Authorization": "Bearer s3cre"})
+    assert (wrong.status_code, wrong.headers["www-authenticate"]) == (401, "Bearer")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 10 (N): routes_ops mounts /jobs/{id}/stream and /jobs/{id}/cancel without the token"
+)
+def test_bearer_token_guards_the_job_endpoints(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    _, base = start_gateway("--api-token", "s3cret")
+    assert refused_without_token(base, api_routes(job_routes=True)) == {}
+    assert not r.exists("ivl:job:{no-token-job}:cancel")
+
+
+def test_health_and_metrics_need_no_token(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    # docs/reliability.md: "--api-token requires Authorization: Bearer … on every endpoint but /health and
+    # /metrics". Whether /metrics stays open is being decided (issue 10, N); this pins the documented behaviour.
+    start_worker()
+    _, base = start_gateway("--api-token", "s3cret")
+    assert httpx.get(base + "/health").json()["workers"] == {"fake": 1}
+    metrics = httpx.get(base + "/metrics")
+    assert metrics.status_code == 200 and "broker_live_workers" in metrics.text
 
 
 def test_resume_stream_by_job_id(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
@@ -344,21 +395,23 @@ def test_schemathesis_finds_no_server_error(start_worker, start_gateway, tmp_pat
     assert result.returncode == 0, result.stdout[-4000:]
 
 
-def test_count_token_is_counted_by_the_model(tiny_stack: str, tiny_model: Path) -> None:
-    from broker_worker.model.internvl_engine import InternVLEngine
-    from broker_worker.model.loading import LoadOptions, load
-    from broker_worker.protocol.messages import Job
-
-    engine = InternVLEngine(load(LoadOptions(tiny_model)), "tiny-internvl")
-    image = png_b64(800, 600)
-    prompt = [{"role": "user", "content": "How many tokens?", "image": [image]}]
+def test_count_token_is_counted_by_the_model(tiny_stack: str) -> None:
+    prompt = [
+        {"role": "system", "content": "Count."},
+        {"role": "user", "content": "How many tokens?", "image": [png_b64(800, 600)]},
+    ]
     body = httpx.post(tiny_stack + "/count_token", json={"model": "tiny-internvl", "prompt": prompt}, timeout=60)
-    expected = engine.count_tokens(Job.model_validate({"model": "tiny-internvl", "prompt": prompt}))
-    assert body.json() == {"count": expected, "error_code": 0}
-    assert expected > 13 * 256  # 4x3 tiles + thumbnail, 256 tokens each
-    text_only = httpx.post(tiny_stack + "/count_token", json={"model": "tiny-internvl", "prompt": "hello"}).json()
-    hello = Job.model_validate({"model": "tiny-internvl", "prompt": [{"role": "user", "content": "hello"}]})
-    assert text_only["count"] == engine.count_tokens(hello)  # a plain string is one user message
+    # Counted by hand: the tiny tokenizer has one token per character (and per special token), and 800x600 with
+    # 12 tiles is a 4x3 grid plus a thumbnail, 256 tokens per tile. The template is ChatML:
+    #   <|im_start|> "system\n" "Count." <|im_end|> "\n"           1 + 7 + 6 + 1 + 1 = 16
+    #   <|im_start|> "user\n" <img> <IMG_CONTEXT>x13x256 </img>    1 + 5 + 1 + 3328 + 1 = 3336
+    #   "\nHow many tokens?" <|im_end|> "\n"                      17 + 1 + 1 = 19
+    #   <|im_start|> "assistant\n"                                1 + 10 = 11
+    assert body.json() == {"count": 16 + 3336 + 19 + 11, "error_code": 0}
+    plain = httpx.post(tiny_stack + "/count_token", json={"model": "tiny-internvl", "prompt": "hello"}).json()
+    as_list = [{"role": "user", "content": "hello"}]
+    listed = httpx.post(tiny_stack + "/count_token", json={"model": "tiny-internvl", "prompt": as_list}).json()
+    assert plain == listed and plain["count"] > 5  # a plain string (FastChat) is one user message
     unknown = httpx.post(tiny_stack + "/count_token", json={"model": "nope", "prompt": "hello"})
     assert unknown.status_code == 404 and json.loads(unknown.content.rstrip(b"\0"))["error_code"] == 40301
 
@@ -377,13 +430,10 @@ def test_gateway_never_imports_torch() -> None:
 
 
 def test_request_deadline_when_no_worker_takes_the_job(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
-    import signal
-
     worker = start_worker(delay=0.001)
     _, base = start_gateway("--start-timeout-s", "1")
     worker.signal(signal.SIGSTOP)  # registered and fresh for a few seconds, but takes nothing
     try:
-        started = time.monotonic()
         payload = {
             "model": "fake",
             "prompt": [{"role": "user", "content": "anyone?"}],
@@ -392,10 +442,48 @@ def test_request_deadline_when_no_worker_takes_the_job(start_worker, start_gatew
         }
         status, parts = stream(base, payload, timeout=30)
         assert status == 200 and parts[-1]["error_code"] == 50006
-        assert "no worker started job unclaimed" in parts[-1]["text"]
-        assert time.monotonic() - started < 15
+        assert parts[-1]["text"] == "no worker started job unclaimed within 6s (are workers running for this model?)"
     finally:
         worker.signal(signal.SIGCONT)
     # The gateway cancelled the job it gave up on; picked up late, it is dropped, never run.
     worker.wait_log("job unclaimed cancelled before start", 30)
     assert [json.loads(f["e"])["type"] for _, f in r.xrange("ivl:job:{unclaimed}:events")] == ["cancelled"]
+
+
+def test_finish_reasons_and_engine_errors_reach_http_clients(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    _, base = start_gateway()
+
+    def last_chunk(question: str, tokens: int = 8) -> dict[str, Any]:
+        body = {"model": "fake", "prompt": [{"role": "user", "content": question}], "max_new_tokens": tokens}
+        return stream(base, body)[1][-1]
+
+    stopped, capped, crashed = last_chunk("eos: early"), last_chunk("full"), last_chunk("crash: now")
+    assert (stopped["finish_reason"], stopped["text"], stopped["usage"]["completion_tokens"]) == (
+        "stop",
+        "t0:10 t1:10 t2:10 t3:10 ",
+        4,
+    )
+    assert (capped["finish_reason"], capped["usage"]["completion_tokens"]) == ("length", 8)
+    assert (crashed["error_code"], crashed["text"]) == (50001, "RuntimeError: fake engine crashed: crash: now")
+    openai = {"model": "fake", "max_tokens": 6, "messages": [{"role": "user", "content": "eos: openai"}]}
+    reply = httpx.post(base + "/v1/chat/completions", json=openai, timeout=30).json()
+    assert (reply["choices"][0]["finish_reason"], reply["usage"]["completion_tokens"]) == ("stop", 3)
+    sse = httpx.post(base + "/v1/chat/completions", json=openai | {"stream": True}, timeout=30).text
+    finals = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in finals if c["choices"]][-1] == "stop"
+
+
+def test_invalid_job_ids_are_refused(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    _, base = start_gateway()
+    for bad in ("a{b}", "x" * 81, "white space"):  # a brace would break the {id} hash tag of the job's keys
+        body = {"model": "fake", "prompt": [{"role": "user", "content": "hi"}], "job_id": bad}
+        status, parts = stream(base, body)
+        assert (status, parts[-1]["error_code"]) == (400, 40001)
+        assert parts[-1]["text"].startswith("invalid request: job_id: String should match pattern")
+    for path in ("/jobs/a{b}/stream", "/jobs/a{b}/cancel"):
+        response = httpx.request("GET" if path.endswith("stream") else "POST", base + path)
+        assert response.status_code == 400 and chunks(response.content)[-1]["error_code"] == 40001
+    assert r.xlen("ivl:jobs:fake") == 0 and not list(r.scan_iter("ivl:job:*"))  # nothing queued, nothing set
+    assert stream(base, {"model": "fake", "prompt": [{"role": "user", "content": "hi"}], "job_id": "x" * 80})[0] == 200

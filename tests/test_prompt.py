@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from PIL import Image
 
 from broker_worker.model import tiling
 from broker_worker.model.prompt import CHATML, TEMPLATES, build_conversation, sanitize, tile_budgets
@@ -124,7 +123,3 @@ def test_malformed_prompts_are_typed_errors(prompt: list[ChatMessage]) -> None:
     with pytest.raises(JobError) as err:
         build_conversation(prompt, 12)
     assert err.value.code == 40001
-
-
-def test_image_sizes_table_is_consistent() -> None:
-    assert all(Image.new("RGB", s).size == s for s in SIZES.values())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -79,69 +79,168 @@ def many(base: str, payloads: list[dict[str, Any]]) -> list[list[dict[str, Any]]
         return list(pool.map(lambda p: run_request(base, p), payloads))
 
 
+def job_events(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    return [json.loads(f["e"]) for _, f in r.xrange(f"ivl:job:{{{job_id}}}:events")]
+
+
+def split_at_resume(evs: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The text before and after a resumed ``started`` event; None when the job was not resumed."""
+    at = next((k for k, e in enumerate(evs) if e["type"] == "started" and e["resumed"]), None)
+    if at is None:
+        return None
+    texts = ["".join(e.get("text", "") for e in part if e["type"] == "delta") for part in (evs[:at], evs[at:])]
+    return texts[0], texts[1]
+
+
+def texts_of_worker(r: redis.Redis, pid: int) -> list[str]:
+    """The text so far of every job a worker process started."""
+    out = []
+    for key in r.scan_iter("ivl:job:*:events"):
+        evs = [json.loads(f["e"]) for _, f in r.xrange(key)]
+        if any(e["type"] == "started" and e["worker"].split("-")[-2] == str(pid) for e in evs):
+            out.append("".join(e.get("text", "") for e in evs if e["type"] == "delta"))
+    return out
+
+
 def test_kill_9_one_of_two_workers_under_20_streams(  # type: ignore[no-untyped-def]
     r: redis.Redis, start_worker, start_gateway, tiny_model: Path
 ) -> None:
     victim = start_worker(model="tiny-internvl", model_path=tiny_model, lease_s=2.0)
     start_worker(model="tiny-internvl", model_path=tiny_model, lease_s=2.0)
     _, base = start_gateway()
+    # Greedy: a worker that restarted a job instead of resuming it would repeat the text already sent.
+    payloads = [app_payload("tiny-internvl", f"story {k}", 48) | {"temperature": 0} for k in range(20)]
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(many, base, [app_payload("tiny-internvl", f"story {k}", 48) for k in range(20)])
-        victim.wait_log(r"job \w+ started", count=2)
+        future = pool.submit(many, base, payloads)
+        wait_for(lambda: any(len(t) >= 20 for t in texts_of_worker(r, victim.popen.pid)), 120, "the victim streaming")
         victim.popen.kill()
         results = future.result(timeout=300)
     assert [c[-1]["error_code"] for c in results] == [0] * 20, [c[-1] for c in results if c[-1]["error_code"]]
     assert all(consistent(c) for c in results)
-    resumed = 0
+    checked = 0
     for chunks in results:
-        job_id = chunks[-1]["job_id"]
-        evs = [json.loads(f["e"]) for _, f in r.xrange(f"ivl:job:{{{job_id}}}:events")]
+        evs = job_events(r, chunks[-1]["job_id"])
         assert "".join(e.get("text", "") for e in evs if e["type"] == "delta") == chunks[-1]["text"]
-        resumed += any(e["type"] == "started" and e["resumed"] for e in evs)
-    assert resumed >= 1  # the killed worker's jobs were taken over, not restarted
+        assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1))
+        if (parts := split_at_resume(evs)) is not None and len(parts[0]) >= 20:
+            before, after = parts
+            assert not after.startswith(before[:20]), (before, after)  # continued, not started over
+            checked += 1
+    assert checked >= 1  # the killed worker's jobs were taken over and resumed
 
 
 def test_sigterm_worker_under_load_loses_nothing(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
     a = start_worker(delay=0.02, slots=4)
-    start_worker(delay=0.02, slots=4)
+    b = start_worker(delay=0.02, slots=4)
     _, base = start_gateway()
-    payloads = [app_payload("fake", f"term {k}", 100, image=False) for k in range(10)]
+    payloads = [app_payload("fake", f"term {k}", 200, image=False) for k in range(10)]
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(many, base, payloads)
-        a.wait_log(r"job \w+ started")
-        time.sleep(0.3)  # let it stream a little before the signal (not a sync point: either way must work)
+        a.wait_log(r"job \w+ started", count=2)  # 4 s jobs and a 1 s grace: what runs now must be handed back
         a.signal(signal.SIGTERM)
         results = future.result(timeout=120)
     assert a.popen.wait(30) == 0
     assert [c[-1]["error_code"] for c in results] == [0] * 10
-    assert [c[-1]["text"] for c in results] == [expected(f"term {k}", 100) for k in range(10)]
+    assert [c[-1]["text"] for c in results] == [expected(f"term {k}", 200) for k in range(10)]
+    handed = re.findall(r"job (\w+) handed back on shutdown", a.log())
+    assert len(handed) >= 2
+    for job_id in handed:  # each was resumed by the other worker, after the text already sent
+        b.wait_log(rf"job {job_id} resumed \(queued \d+\.\d\ds, [1-9]\d* chars already sent\)")
+
+
+def streaming_and_queued(r: redis.Redis) -> tuple[int, int]:
+    """Jobs with text out, and entries on the fake model's stream (running + waiting)."""
+    streaming = sum(
+        any(json.loads(f["e"])["type"] == "delta" for _, f in r.xrange(k)) for k in r.keys("ivl:job:*:events")
+    )
+    return streaming, r.xlen("ivl:jobs:fake")
 
 
 def test_redis_restart_ends_every_request_and_service_recovers(tmp_path: Path, procs: list[Proc]) -> None:
     server = RedisServer(tmp_path).start()
     try:
-        procs.append(spawn("worker", worker_args(server.url, delay=0.05, lease_s=2.0), tmp_path))
+        worker = spawn("worker", worker_args(server.url, delay=0.05, lease_s=2.0, slots=4), tmp_path)
+        procs.append(worker)
         gateway, base = spawn_gateway(server.url, tmp_path, "--start-timeout-s", "20", "--idle-timeout-s", "20")
         procs.append(gateway)
         wait_for(lambda: served_models(base) == ["fake"], 60, "gateway and worker")
-        payloads = [app_payload("fake", f"restart {k}", 200, image=False) for k in range(6)]
+        payloads = [app_payload("fake", f"restart {k}", 400, image=False) for k in range(6)]  # 20 s each
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(many, base, payloads)
-            wait_for(lambda: len(server.client().keys("ivl:job:*:events")) >= 6, 30, "all six jobs streaming")
+            wait_for(lambda: streaming_and_queued(server.client()) == (4, 6), 30, "4 jobs streaming, 2 queued")
             server.kill()
-            time.sleep(1.0)  # Redis stays down for a second
             server.start()
-            started = time.monotonic()
             results = future.result(timeout=90)
-        assert time.monotonic() - started < 60
-        for chunks in results:
-            last = chunks[-1]
-            assert last["error_code"] == 0 or ("gone from Redis" in last["text"] or "Redis" in last["text"]), last
-        assert any(c[-1]["error_code"] != 0 for c in results)  # those jobs died with Redis: said so, not hung
+        gone = r"job \w+ is gone from Redis \(restarted without persistence\?\); submit it again"
+        for chunks in results:  # the running and the queued ones alike
+            assert chunks[-1]["error_code"] == 50001, chunks[-1]
+            assert re.fullmatch(gone, chunks[-1]["text"]), chunks[-1]
+        worker_log = worker.log()
+        assert len(re.findall(r"job \w+ taken over by another worker", worker_log)) == 4  # its token was gone
         wait_for(lambda: served_models(base) == ["fake"], 30, "the worker to re-register after the restart")
         after = run_request(base, app_payload("fake", "after restart", 5, image=False))
         assert after[-1]["error_code"] == 0 and after[-1]["text"] == expected("after restart", 5)
+        # (the gateway set a cancel key for each request that ended without a terminal event: harmless, it expires)
+        keys = {k.split("}")[0] for k in server.client().keys("ivl:job:*") if not k.endswith(":cancel")}
+        assert keys == {"ivl:job:{" + after[-1]["job_id"]}  # nobody wrote into the lost jobs afterwards
         assert all(p.alive for p in procs)
+    finally:
+        server.kill()
+
+
+def test_redis_restart_with_aof_keeps_queued_jobs_and_finishes_them(tmp_path: Path, procs: list[Proc]) -> None:
+    server = RedisServer(tmp_path, extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    try:
+        worker = spawn("worker", worker_args(server.url, delay=0.05, lease_s=5.0, slots=1), tmp_path)
+        procs.append(worker)
+        gateway, base = spawn_gateway(server.url, tmp_path, "--start-timeout-s", "60", "--idle-timeout-s", "60")
+        procs.append(gateway)
+        wait_for(lambda: served_models(base) == ["fake"], 60, "gateway and worker")
+        payloads = [app_payload("fake", "aof long", 200, image=False)]  # 10 s; then two short ones
+        payloads += [app_payload("fake", f"aof {k}", 20, image=False) for k in range(2)]
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(many, base, payloads)
+            wait_for(lambda: streaming_and_queued(server.client()) == (1, 3), 30, "1 job streaming, 2 queued")
+            server.kill()
+            # Redis stays down until both sides have noticed: the fault must hit, not slip between retries.
+            worker.wait_log(r"job \w+: publish failed")
+            gateway.wait_log("pub/sub connection lost")
+            gateway.wait_log(r"job \w+: replay read failed")
+            server.start()
+            assert server.client().xlen("ivl:jobs:fake") == 3  # the queue survived the restart
+            results = future.result(timeout=120)
+        assert [c[-1]["error_code"] for c in results] == [0, 0, 0], [c[-1] for c in results]
+        assert [c[-1]["text"] for c in results] == [expected("aof long", 200)] + [
+            expected(f"aof {k}", 20) for k in range(2)
+        ]
+        assert all(consistent(c) for c in results)
+        assert all(p.alive for p in procs)
+    finally:
+        server.kill()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug (reproductions/pubsub_after_outage.py, issue 10): after an outage longer than redis-py's "
+    "retries the gateway never subscribes again the channels of streams in flight; they go on by the 1 s poll",
+)
+def test_streams_in_flight_subscribe_again_after_a_redis_outage(tmp_path: Path, procs: list[Proc]) -> None:
+    server = RedisServer(tmp_path, extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
+    try:
+        procs.append(spawn("worker", worker_args(server.url, delay=0.05, lease_s=5.0), tmp_path))
+        gateway, base = spawn_gateway(server.url, tmp_path, "--idle-timeout-s", "60")
+        procs.append(gateway)
+        wait_for(lambda: served_models(base) == ["fake"], 60, "gateway and worker")
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(run_request, base, app_payload("fake", "outage", 300, image=False))  # 15 s
+            wait_for(lambda: streaming_and_queued(server.client()) == (1, 1), 30, "the job streaming")
+            server.kill()
+            gateway.wait_log("pub/sub connection lost")  # down longer than the client's own retries
+            gateway.wait_log(r"job \w+: replay read failed")
+            server.start()
+            wait_for(lambda: pubsub_clients(server.client()), 10, "the gateway to subscribe again while the job runs")
+            chunks = future.result(timeout=60)
+        assert chunks[-1]["text"] == expected("outage", 300)
     finally:
         server.kill()
 
@@ -173,7 +272,8 @@ def test_gateway_restart_client_resumes_by_job_id(
                     gateway.signal(how)
         except httpx.HTTPError:
             pass  # the gateway went away mid-stream
-    assert gateway.popen.wait(30) is not None
+    assert gateway.popen.wait(30) == -how  # uvicorn re-raises SIGTERM once it has shut down
+    assert ("Application shutdown complete" in gateway.log()) == (how == signal.SIGTERM)
     assert not r.exists(f"ivl:job:{{{job_id}}}:cancel")  # a gateway going away is not a client going away
     assert 0 < len(received) < len(expected("resume", 500))
     _, base = start_gateway(port=port)
@@ -184,23 +284,38 @@ def test_gateway_restart_client_resumes_by_job_id(
 
 
 def test_pubsub_connection_killed_mid_stream_loses_nothing(  # type: ignore[no-untyped-def]
-    r: redis.Redis, start_worker, start_gateway
+    r: redis.Redis, redis_server: RedisServer, start_worker, start_gateway
 ) -> None:
-    start_worker(delay=0.02)
-    _, base = start_gateway()
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(run_request, base, app_payload("fake", "blip", 150, image=False))
-        wait_for(
-            lambda: any(len(f["e"]) > 0 for k in r.scan_iter("ivl:job:*:events") for _, f in r.xrange(k)),
-            20,
-            "the stream to start",
-        )
-        time.sleep(0.3)  # a few deltas in, then cut the gateway's pub/sub connection (a network blip)
-        assert r.client_kill_filter(_type="pubsub") >= 1
-        chunks = future.result(timeout=60)
+    # The gateway runs as its own ACL user, so its channel permission can be taken away: Redis then closes its
+    # pub/sub connection and refuses to subscribe it again until it is given back (a blip longer than retries).
+    r.execute_command("ACL", "SETUSER", "blip-gw", "on", ">blip-secret", "~*", "&*", "+@all")
+    try:
+        start_worker(delay=0.02)
+        gateway, base = start_gateway(url=redis_server.url_for("blip-gw", "blip-secret"))
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(run_request, base, app_payload("fake", "blip", 400, image=False))  # 8 s
+            wait_for(lambda: len(deltas_so_far(r)) >= 5, 20, "a few deltas out")
+            r.execute_command("ACL", "SETUSER", "blip-gw", "resetchannels")  # Redis closes its pub/sub connection
+            gateway.wait_log("pub/sub connection lost")  # the fault hit the gateway
+            missed = len(deltas_so_far(r))
+            wait_for(lambda: len(deltas_so_far(r)) >= missed + 5, 20, "deltas published while it cannot listen")
+            r.execute_command("ACL", "SETUSER", "blip-gw", "&*")
+            wait_for(lambda: pubsub_clients(r), 5, "the gateway to subscribe again while the job runs")
+            chunks = future.result(timeout=60)
+    finally:
+        r.execute_command("ACL", "DELUSER", "blip-gw")
     assert chunks[-1]["error_code"] == 0
     assert consistent(chunks)
-    assert chunks[-1]["text"] == expected("blip", 150)  # the gap was filled from the replay record
+    assert chunks[-1]["text"] == expected("blip", 400)  # the gap was filled from the replay record
+
+
+def pubsub_clients(r: redis.Redis) -> list[str]:
+    """Ids of the connections subscribed to a channel (the gateway's pub/sub connection)."""
+    return [c["id"] for c in r.client_list(_type="pubsub") if int(c["sub"]) > 0]
+
+
+def deltas_so_far(r: redis.Redis) -> list[str]:
+    return [f["e"] for k in r.scan_iter("ivl:job:*:events") for _, f in r.xrange(k) if '"type":"delta"' in f["e"]]
 
 
 def test_full_queue_is_refused_with_42903(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import json
+import re
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from tests.helpers import Proc, RedisServer, end_to_end, png_b64
+from tests.helpers import ROOT, Proc, RedisServer, end_to_end, png_b64
 from tests.test_images import png_bomb
 
 # The ACL users docs/reliability.md documents (keys and channels under ivl:, only the commands each side uses).
@@ -121,11 +120,9 @@ def test_tls_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
         "--tls-auth-clients",
         "no",
     ]
-    server = RedisServer(tmp_path, extra=tls, tls_ca=ca)
-    try:
-        server.start()
-    except AssertionError:
+    if not redis_has_tls():
         pytest.skip("this redis-server build has no TLS support")
+    server = RedisServer(tmp_path, extra=tls, tls_ca=ca).start()  # any other start-up failure fails the test
     try:
         assert end_to_end(server.url, server.url, tmp_path, procs) == "t0:6 t1:6 t2:6 t3:6 t4:6 t5:6 "
         with pytest.raises(redis.exceptions.ConnectionError):
@@ -134,40 +131,35 @@ def test_tls_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
         server.kill()
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+def redis_has_tls() -> bool:
+    """Whether redis-server was built with TLS (Debian's is). Its config parser stops at the first unknown
+    directive without starting: ``tls-port`` when TLS is not built in, else the made-up one after it."""
+    probe = subprocess.run(["redis-server", "--port", "0", "--tls-port", "0", "--no-such-option"], capture_output=True)
+    return b"no-such-option" in probe.stdout + probe.stderr
 
 
-def test_hostile_inputs_refused_fast(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_inputs_refused_before_queueing(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
     start_worker(delay=0.001)
-    gateway, base = start_gateway()
-    before = rss_kb(gateway.popen.pid)
+    _, base = start_gateway()
 
     def prompt(images: list[str]) -> dict[str, object]:
         return {"model": "fake", "prompt": [{"role": "user", "content": "hi", "image": images}], "max_new_tokens": 4}
 
     truncated = png_b64(200, 200)[:101]
     cases = {
-        "bomb": (prompt([png_bomb()]), 40001, "bomb"),
-        "truncated base64": (prompt([truncated]), 40001, "invalid base64"),
-        "1000 images": (prompt([png_b64(8, 8)] * 1000), 40001, "prompt.0.image"),
+        "bomb": (prompt([png_bomb()]), 40001, "image 1: refused as a decompression bomb"),
+        "truncated base64": (prompt([truncated]), 40001, "image 1: invalid base64"),
+        "1000 images": (prompt([png_b64(8, 8)] * 1000), 40001, "prompt.0.image: List should have at most 32 items"),
     }
     for name, (payload, code, fragment) in cases.items():
-        started = time.monotonic()
         response = httpx.post(base + "/worker_generate_stream", json=payload, timeout=30)
-        assert time.monotonic() - started < 5, name
         chunk = json.loads(response.content.split(b"\0")[0])
-        assert 400 <= response.status_code < 500, name
+        assert response.status_code == 400, name
         assert chunk["error_code"] == code and fragment in chunk["text"], (name, chunk)
-    started = time.monotonic()
-    assert post_raw_body(base, 100 * 1024 * 1024) == 413
-    assert time.monotonic() - started < 5
-    assert rss_kb(gateway.popen.pid) - before < 150_000  # nothing large was buffered
+    assert post_raw_body(base, 100 * 1024 * 1024) == 413  # answered after 1 MB of the 100 MB were sent
+    assert r.xlen("ivl:jobs:fake") == 0 and not list(r.scan_iter("ivl:job:*"))  # nothing was queued
     ok = httpx.post(base + "/worker_generate_stream", json=prompt([png_b64(64, 64)]), timeout=30).content
-    assert json.loads(ok.split(b"\0")[-2])["error_code"] == 0
+    assert json.loads(ok.split(b"\0")[-2])["error_code"] == 0  # how fast, and the memory: bench/refusals.py
 
 
 def post_raw_body(base: str, size: int) -> int:
@@ -183,5 +175,13 @@ def post_raw_body(base: str, size: int) -> int:
     return int(status_line.split()[1])
 
 
-def test_b64_helper_sanity() -> None:
-    assert base64.b64decode(png_b64(4, 4))[:8] == b"\x89PNG\r\n\x1a\n"
+def test_no_pickle_anywhere() -> None:
+    """Every message on Redis is JSON (docs/reliability.md): no serializer that runs code on load is imported."""
+    sources = [*Path(ROOT / "broker_worker").rglob("*.py"), *Path(ROOT / "gateway").rglob("*.py")]
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sources
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.match(r"\s*(import|from)\s+(pickle|cPickle|cloudpickle|dill|marshal|shelve)\b", line)
+    ]
+    assert len(sources) > 20 and found == []

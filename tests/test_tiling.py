@@ -23,8 +23,8 @@ def noise(width: int, height: int, mode: str, seed_value: int) -> Image.Image:
     return image.convert(mode)
 
 
-def cases(count: int) -> list[tuple[int, int, int, str]]:
-    rng = random.Random(2024)
+def cases(count: int, stream: int = 2024) -> list[tuple[int, int, int, str]]:
+    rng = random.Random(stream)
     return [
         (rng.randint(20, 1600), rng.randint(20, 1600), rng.randint(1, 24), MODES[k % len(MODES)]) for k in range(count)
     ]
@@ -40,7 +40,7 @@ def test_dynamic_preprocess_tiles_are_byte_identical(width: int, height: int, ma
     assert [t.tobytes() for t in actual] == [t.tobytes() for t in expected]
 
 
-@pytest.mark.parametrize(("width", "height", "max_num", "mode"), cases(100)[:100:3])
+@pytest.mark.parametrize(("width", "height", "max_num", "mode"), cases(24, stream=2025))  # sizes of its own
 def test_tile_image_equals_seed_pipeline(width: int, height: int, max_num: int, mode: str) -> None:
     image = noise(width, height, mode, height)
     expected = seed.pixel_values(image, max_num=max_num)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -71,12 +73,17 @@ def test_cancel_from_plain_redis_stops_within_one_token(r: redis.Redis, start_wo
     worker = start_worker(delay=0.02, extra=["--stream-interval-ms", "0"])
     submit(r, job("c1", tokens=500))
     wait_for(lambda: len(text_of(events(r, "c1")).split()) >= 5, 20, "some tokens")
-    before = len(text_of(events(r, "c1")).split())
-    r.set("ivl:job:{c1}:cancel", 1, ex=60)
+    # Read the text so far and cancel in one transaction: no publish can fall between the two.
+    with r.pipeline(transaction=True) as pipe:
+        pipe.xrange("ivl:job:{c1}:events")
+        pipe.set("ivl:job:{c1}:cancel", 1, ex=60)
+        entries, _ = pipe.execute()
+    at_cancel = text_of([json.loads(fields["e"]) for _, fields in entries])
     evs = wait_terminal(r, "c1", 10)
     assert evs[-1]["type"] == "cancelled"
-    assert len(text_of(evs).split()) <= before + 1
-    worker.wait_log("job c1 cancelled")
+    assert text_of(evs).startswith(at_cancel)
+    assert len(text_of(evs).removeprefix(at_cancel).split()) <= 1  # at most the token in flight
+    worker.wait_log(r"job c1 cancelled in \d+\.\d\ds")
     assert r.hget("ivl:job:{c1}:state", "status") == "cancelled"
 
 
@@ -99,20 +106,23 @@ def test_cancelled_before_start_never_runs(r: redis.Redis, start_worker) -> None
 def test_kill_9_mid_job_resumes_prefix_consistent(  # type: ignore[no-untyped-def]
     r: redis.Redis, redis_server: RedisServer, start_worker
 ) -> None:
-    start_worker(delay=0.02, lease_s=1.5)
-    start_worker(delay=0.02, lease_s=1.5)
+    workers = [start_worker(delay=0.02, lease_s=1.5) for _ in range(2)]
     submit(r, job("k9", question="kill me", tokens=150))
-    watcher = asyncio.new_event_loop()
-    seen = watcher.create_task(collect(redis_server.url, "k9"))
-    watcher.run_until_complete(asyncio.sleep(0.1))
-    wait_for(lambda: len(text_of(events(r, "k9"))) > 40, 20, "the job to be under way")
-    os.kill(owner_pid(events(r, "k9")), signal.SIGKILL)
-    received = watcher.run_until_complete(asyncio.wait_for(seen, 60))
-    watcher.close()
+    with ThreadPoolExecutor(1) as pool:  # a live subscriber across the kill, on its own event loop
+        seen = pool.submit(asyncio.run, collect(redis_server.url, "k9"))
+        wait_for(lambda: len(text_of(events(r, "k9"))) > 40, 20, "the job to be under way")
+        victim = owner_pid(events(r, "k9"))
+        os.kill(victim, signal.SIGKILL)
+        received = seen.result(timeout=60)
     assert received[-1]["type"] == "done"
     assert text_of(received) == expected_text("kill me", 150)  # no restart, no duplicate
     assert [e["seq"] for e in received] == list(range(1, len(received) + 1))
     assert [e["resumed"] for e in received if e["type"] == "started"] == [False, True]
+    sent = len(text_of(received[: [e["type"] for e in received].index("started", 1)]))
+    survivor = next(w for w in workers if w.popen.pid != victim)
+    survivor.wait_log(r"entry \S+ reclaimed from a silent worker")
+    survivor.wait_log(rf"job k9 resumed \(queued \d+\.\d\ds, {sent} chars already sent, reclaimed\)")
+    survivor.wait_log(r"job k9 done \(150 tokens\) in \d+\.\d\ds")
 
 
 def test_frozen_worker_is_fenced_after_takeover(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -130,45 +140,47 @@ def test_frozen_worker_is_fenced_after_takeover(r: redis.Redis, start_worker) ->
     assert r.hget("ivl:job:{frozen}:state", "attempts") == "2"
 
 
+def raw(**fields: object) -> dict[str, str]:
+    return {"job": json.dumps(fields)}
+
+
 @pytest.mark.parametrize(
-    ("fields", "reason"),
+    ("fields", "reason", "told"),
     [
-        ({"job": "this is {not json"}, "invalid job"),
-        ({"foo": "bar"}, "no 'job' field"),
-        ({"job": json.dumps({"id": "wrong-types", "model": "fake", "prompt": "not a list"})}, "prompt"),
+        ({"job": "this is {not json"}, "invalid job", None),
+        ({"foo": "bar"}, "no 'job' field", None),
         (
-            {
-                "job": json.dumps(
-                    {
-                        "id": "huge",
-                        "model": "fake",
-                        "max_new_tokens": 10**12,
-                        "prompt": [{"role": "user", "content": "x" * 300_000}],
-                    }
-                )
-            },
-            "max_new_tokens",
+            raw(id="wrong-types", model="fake", prompt="not a list"),
+            "prompt: Input should be a valid array",
+            "wrong-types",
         ),
-        ({"job": json.dumps({"model": "fake", "prompt": [{"role": "wizard", "content": "x"}]})}, "role"),
-        ({"job": json.dumps({"model": "fake", "prompt": [{"role": "user", "content": "x"}]})}, "id: missing"),
+        (raw(model="fake", prompt=[{"role": "wizard", "content": "x"}]), "prompt.0.role", None),
+        (raw(model="fake", prompt=[{"role": "user", "content": "x"}]), "id: missing", None),
+        # ids that break the pattern (a brace would break the {id} hash tag): refused, and nobody to tell
+        (raw(id="bad{id}", model="fake", prompt=[{"role": "user"}]), "id: String should match pattern", None),
+        (raw(id="x" * 81, model="fake", prompt=[{"role": "user"}]), "id: String should match pattern", None),
+        (raw(id="", model="fake", prompt=[{"role": "user"}]), "id: String should match pattern", None),
     ],
 )
 def test_garbage_is_dead_lettered_and_worker_keeps_serving(  # type: ignore[no-untyped-def]
-    r: redis.Redis, start_worker, fields: dict[str, str], reason: str
+    r: redis.Redis, start_worker, fields: dict[str, str], reason: str, told: str | None
 ) -> None:
     worker = start_worker()
-    r.xadd("ivl:jobs:fake", fields)
+    entry = r.xadd("ivl:jobs:fake", fields)
     letters = wait_for(lambda: r.xrange("ivl:dead"), 10, "a dead letter")
     assert reason in letters[0][1]["reason"]
     letter = json.loads(letters[0][1]["letter"])
-    assert letter["stream"] == "ivl:jobs:fake"
+    assert (letter["stream"], letter["entry_id"], letter["job_id"]) == ("ivl:jobs:fake", entry, told)
+    worker.wait_log(rf"entry {entry} dead-lettered: ")
     submit(r, job("after-garbage"))
     assert wait_terminal(r, "after-garbage")[-1]["type"] == "done"
     assert worker.alive
-    if fields.get("job", "").startswith("{") and '"id"' in fields["job"]:
-        job_id = json.loads(fields["job"])["id"]
-        failed = wait_terminal(r, job_id)[-1]
+    if told is not None:  # an entry with a valid id: whoever waits on that id is told why nothing comes
+        failed = wait_terminal(r, told)[-1]
         assert (failed["type"], failed["error_code"]) == ("failed", 40001)
+        assert reason in failed["message"]
+    else:
+        assert [k for k in r.scan_iter("ivl:job:*") if "after-garbage" not in k] == []
 
 
 def test_too_many_deliveries_go_to_dead_letter(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -176,11 +188,16 @@ def test_too_many_deliveries_go_to_dead_letter(r: redis.Redis, start_worker) -> 
     r.xgroup_create("ivl:jobs:fake", "workers", id="0", mkstream=True)
     r.xadd("ivl:jobs:fake", {"job": json.dumps(job("tired"))}, id="0-1")
     r.xreadgroup("workers", "dead-worker", {"ivl:jobs:fake": ">"})  # held by a consumer that never acks
-    start_worker(lease_s=0.5)
+    worker = start_worker(lease_s=0.5)
     evs = wait_terminal(r, "tired", 20)
-    assert evs[-1]["type"] == "failed"
-    assert "dead-lettered" in evs[-1]["message"]
-    assert json.loads(r.xrange("ivl:dead")[0][1]["letter"])["job_id"] == "tired"
+    assert [e["type"] for e in evs] == ["failed"]  # never run a fourth time
+    assert (evs[-1]["error_code"], evs[-1]["message"]) == (50001, "job failed on 3 deliveries (limit 3); dead-lettered")
+    letter = json.loads(r.xrange("ivl:dead")[0][1]["letter"])
+    assert (letter["job_id"], letter["entry_id"]) == ("tired", "0-1")
+    worker.wait_log("entry 0-1 reclaimed from a silent worker")
+    worker.wait_log("job tired dead-lettered")
+    assert r.hget("ivl:job:{tired}:state", "attempts") == "4"
+    assert r.xlen("ivl:jobs:fake") == 0
 
 
 def test_sigterm_hands_back_and_another_worker_resumes(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -225,10 +242,94 @@ def test_nothing_grows_without_bound(r: redis.Redis, start_worker) -> None:  # t
     for key in r.scan_iter("*"):
         kind, ttl = r.type(key), r.ttl(key)
         if key in ("ivl:jobs:fake", "ivl:dead"):
-            assert kind == "stream"
+            assert kind == "stream"  # capped instead (tests/test_jobs.py)
             continue
-        assert ttl > 0, f"{key} ({kind}) has no expiry"
+        ceiling = expiry_of(key)
+        assert ceiling - 15 <= ttl <= ceiling, f"{key} ({kind}) expires in {ttl}s, not {ceiling}s"
     assert r.xinfo_groups("ivl:jobs:fake")[0]["pending"] == 0
+
+
+def expiry_of(key: str) -> int:
+    """The documented TTL of a key (docs/protocol.md); a health key (10 s) is refreshed every heartbeat."""
+    if key.startswith("ivl:worker:"):
+        return 10
+    if key == "ivl:workers":
+        return 31
+    if key.endswith(":cancel"):
+        return 60  # what this test set
+    return 3600
+
+
+def test_engine_exception_fails_the_job_and_the_worker_keeps_serving(  # type: ignore[no-untyped-def]
+    r: redis.Redis, start_worker
+) -> None:
+    worker = start_worker()
+    submit(r, job("boom", question="crash: on purpose"))
+    evs = wait_terminal(r, "boom")
+    assert [e["type"] for e in evs] == ["started", "failed"]
+    assert (evs[-1]["error_code"], evs[-1]["message"]) == (
+        50001,
+        "RuntimeError: fake engine crashed: crash: on purpose",
+    )
+    worker.wait_log(r"job boom received \(entry \d+-\d+\)")
+    worker.wait_log(r"job boom started \(queued \d+\.\d\ds, 0 chars already sent\)")
+    worker.wait_log("job boom crashed in the engine")
+    worker.wait_log(r"job boom failed in \d+\.\d\ds")
+    assert "Traceback" in worker.log()  # the real error is logged with its stack
+    assert r.hget("ivl:job:{boom}:state", "attempts") == "1"  # not retried: not a transient error
+    submit(r, job("after-crash", tokens=5))
+    assert text_of(wait_terminal(r, "after-crash")) == expected_text("hello", 5)
+    assert worker.alive
+
+
+def test_finish_reason_stop_and_count_only(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker()
+    submit(r, job("eos", question="eos: a short answer", tokens=20))
+    submit(r, job("count", question="count me", count_only=True))
+    eos = wait_terminal(r, "eos")
+    assert eos[-1]["type"] == "done" and eos[-1]["finish_reason"] == "stop"
+    assert eos[-1]["usage"] == {"prompt_tokens": 19, "completion_tokens": 10}
+    assert text_of(eos) == "".join(f"t{i}:19 " for i in range(10))  # the model stopped halfway
+    count = wait_terminal(r, "count")
+    assert [e["type"] for e in count] == ["done"]  # nothing generated, not even a started event
+    assert (count[0]["finish_reason"], count[0]["usage"]) == ("stop", {"prompt_tokens": 8, "completion_tokens": 0})
+
+
+def test_worker_pulls_only_as_many_jobs_as_it_has_free_slots(  # type: ignore[no-untyped-def]
+    r: redis.Redis, start_worker
+) -> None:
+    start_worker(delay=0.05, slots=2)
+    with r.pipeline(transaction=True) as pipe:  # all five are there at the worker's first read
+        for k in range(5):
+            pipe.xadd("ivl:jobs:fake", {"job": json.dumps(job(f"slot{k}", tokens=40))})
+        pipe.execute()
+
+    def pending() -> int:
+        count = int(r.xinfo_groups("ivl:jobs:fake")[0]["pending"])
+        assert count <= 2, f"{count} entries delivered to a worker with 2 slots"
+        return count
+
+    wait_for(lambda: pending() == 2, 20, "two jobs taken")
+    assert r.xinfo_groups("ivl:jobs:fake")[0]["lag"] == 3  # the other three were not read
+
+    def all_done() -> bool:
+        pending()  # and at every poll while the five run
+        return all(r.hget(f"ivl:job:{{slot{k}}}:state", "status") == "done" for k in range(5))
+
+    wait_for(all_done, 60, "every job")
+    assert [text_of(events(r, f"slot{k}")) for k in range(5)] == [expected_text("hello", 40)] * 5
+
+
+def test_deltas_are_coalesced_within_the_stream_interval(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    start_worker(delay=0.005, extra=["--stream-interval-ms", "200"])
+    submit(r, job("co", tokens=200))  # one second of tokens, one every 5 ms
+    wait_terminal(r, "co")
+    entries = [(entry_id, json.loads(f["e"])) for entry_id, f in r.xrange("ivl:job:{co}:events")]
+    deltas = [(int(entry_id.split("-")[0]), e) for entry_id, e in entries if e["type"] == "delta"]
+    assert text_of([e for _, e in deltas]) == expected_text("hello", 200)
+    assert 2 < len(deltas) <= 40  # 200 tokens in a handful of events (about 6; 40 leaves room for a slow machine)
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(deltas)][:-1]  # the last one flushes at the end
+    assert min(gaps) >= 150, gaps  # 200 ms apart by Redis' clock, less the latency of one publish
 
 
 def test_redis_cli_example_against_two_workers(r: redis.Redis, redis_server: RedisServer, start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -252,7 +353,29 @@ def test_redis_cli_example_against_two_workers(r: redis.Redis, redis_server: Red
         [script, redis_server.url, "fake", "fail: please"], capture_output=True, text=True, timeout=60
     )
     assert failed.returncode == 1
-    assert "fake engine asked to fail" in failed.stderr
+    assert '"error_code":50001,"message":"fake engine asked to fail: fail: please"' in failed.stderr
+
+
+def test_redis_cli_example_exit_codes_when_cancelled_or_timed_out(  # type: ignore[no-untyped-def]
+    r: redis.Redis, redis_server: RedisServer, start_worker
+) -> None:
+    start_worker(delay=0.001)
+    script = str(ROOT / "examples" / "redis_cli_submit.sh")
+    r.set("ivl:job:{cli-cancelled}:cancel", 1, ex=60)
+    cancelled = subprocess.run(
+        [script, redis_server.url, "fake", "never mind", "cli-cancelled"], capture_output=True, text=True, timeout=60
+    )
+    assert (cancelled.returncode, cancelled.stderr.splitlines()[-1]) == (2, "cancelled")
+    env = {**os.environ, "TIMEOUT_S": "1"}
+    nobody = subprocess.run(
+        [script, redis_server.url, "nobody", "hello?", "cli-timeout"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert nobody.returncode == 3
+    assert nobody.stderr.splitlines()[-1] == "timed out after 1s waiting for job cli-timeout"
 
 
 def test_check_command(redis_server: RedisServer, r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
@@ -262,7 +385,7 @@ def test_check_command(redis_server: RedisServer, r: redis.Redis, start_worker) 
     assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
 
 
-def test_blocking_client(redis_server: RedisServer, start_worker) -> None:  # type: ignore[no-untyped-def]
+def test_blocking_client(redis_server: RedisServer, r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
     from broker_worker.protocol.client import Client
 
     start_worker(delay=0.001)
@@ -273,7 +396,10 @@ def test_blocking_client(redis_server: RedisServer, start_worker) -> None:  # ty
         assert [e.type for e in events_seen][-1] == "done"
         assert "".join(e.text for e in events_seen if e.type == "delta") == expected_text("sync", 7)
         assert [w.model for w in client.workers()] == ["fake"]
+        assert client.submit(sync_job) is False  # a known id is not queued again
         assert client.queue_length("fake") == 0
+        assert client.submit(Job.model_validate(job("sync-2", model="nobody"))) is True
+        assert r.hgetall("ivl:job:{sync-2}:state") == {"status": "queued"}  # a queued id is not an unknown one
     finally:
         client.close()
 

@@ -1,6 +1,9 @@
 """A deterministic engine for the broker's mechanics: fixed text, fixed per-token delay, real cancel/resume.
 
 Its text for a job is a function of the job alone, so a resumed job can be checked for prefix consistency.
+Questions starting with a trigger make it misbehave on purpose: ``fail:`` raises a typed JobError (50001),
+``oom:`` a retryable CUDA OOM, ``crash:`` a plain exception (the worker's catch-all error boundary), and ``eos:``
+ends the answer early with ``finish_reason: "stop"`` as a model that emits its end-of-sequence token does.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 from broker_worker.model.engine import Finish, OnDelta
 from broker_worker.model.stops import generate_with_stops
 from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import Job, Usage
+from broker_worker.protocol.messages import FinishReason, Job, Usage
 
 
 def question_of(job: Job) -> str:
@@ -21,7 +24,8 @@ def question_of(job: Job) -> str:
 def fake_tokens(job: Job) -> list[str]:
     """The full answer for a job, one token per item."""
     question = question_of(job)
-    return [f"t{i}:{len(question)} " for i in range(job.max_new_tokens)]
+    count = job.max_new_tokens // 2 if question.startswith("eos:") else job.max_new_tokens
+    return [f"t{i}:{len(question)} " for i in range(count)]
 
 
 class FakeEngine:
@@ -45,6 +49,8 @@ class FakeEngine:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"fake engine asked to fail: {question}")
         if question.startswith("oom:"):
             raise JobError(ErrorCode.CUDA_OUT_OF_MEMORY, "fake engine ran out of memory", retryable=True)
+        if question.startswith("crash:"):
+            raise RuntimeError(f"fake engine crashed: {question}")  # untyped, as a bug in an engine would be
         tokens = fake_tokens(job)
         done, start = 0, 0
         while start < len(tokens) and done + len(tokens[start]) <= len(answer_prefix):
@@ -58,4 +64,5 @@ class FakeEngine:
                 deadline += self.token_delay_s  # fixed rate, not sleep drift
                 time.sleep(max(0.0, deadline - time.perf_counter()))
             on_delta(token)
-        return Finish("length", Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))
+        reason: FinishReason = "stop" if question.startswith("eos:") else "length"
+        return Finish(reason, Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))

@@ -1,0 +1,150 @@
+"""The job-side Lua scripts and stream caps (protocol/jobs.py, lua/*), in-process against a real redis-server.
+
+Each test drives the product's own code (JobStore, queue_commands, an in-process Worker) and reads Redis back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from broker_worker.model.fake_engine import FakeEngine
+from broker_worker.protocol import constants as c
+from broker_worker.protocol import health, jobs
+from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
+from broker_worker.protocol.messages import Cancelled, Delta, Job, WorkerHealth
+from broker_worker.settings import WorkerSettings
+from broker_worker.worker import Worker
+from tests.helpers import RedisServer, job, wait_for
+
+# Redis trims a `MAXLEN ~ N` stream by whole radix-tree nodes (stream-node-max-entries, 100 by default).
+NODE = 100
+
+
+@pytest.fixture
+async def ar(redis_server: RedisServer, r: redis.Redis) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client on the session's redis-server, flushed by ``r``."""
+    client = async_redis(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def test_publish_and_renew_are_fenced_after_a_takeover(ar: aioredis.Redis, r: redis.Redis) -> None:
+    store = JobStore(ar)
+    first = await store.start("fence", "1-0", "token-a", "worker-a", 0)
+    assert (first.run, first.attempts, first.resumed) == (True, 1, False)
+    assert await store.publish("fence", "token-a", Delta(text="one "), 1) == 1
+    # XAUTOCLAIM hands the same entry to another worker: it installs a new token and counts the attempt.
+    second = await store.start("fence", "1-0", "token-b", "worker-b", 0)
+    assert (second.run, second.attempts, second.resumed) == (True, 2, True)
+    assert await store.publish("fence", "token-a", Delta(text="stale "), 2) == FENCED
+    assert await store.renew("fence", "token-a") == 0
+    assert await store.renew("fence", "token-b") == 1
+    assert await store.publish("fence", "token-b", Delta(text="two "), 2) == 2
+    r.set(c.job_cancel_key("fence"), 1)
+    assert await store.renew("fence", "token-b") == 2
+    assert await store.publish("fence", "token-b", Delta(text="late "), 3) == CANCELLED
+    assert await store.publish("fence", "token-b", Cancelled(), 3) == 3  # the terminal event still goes in
+    texts = [json.loads(f["e"]).get("text") for _, f in r.xrange(c.job_events_key("fence"))]
+    assert texts == ["one ", "two ", None]
+    assert r.hgetall(c.job_state_key("fence")) | {"started_ms": "0"} == {
+        "status": "cancelled",
+        "owner": "",
+        "seq": "3",
+        "attempts": "2",
+        "entry": "1-0",
+        "worker": "worker-b",
+        "started_ms": "0",
+        "ended_by": "token-b",
+    }
+
+
+async def test_a_finished_or_running_id_is_a_duplicate(ar: aioredis.Redis) -> None:
+    store = JobStore(ar)
+    assert (await store.start("twice", "1-0", "a", "w", 0)).run
+    running = await store.start("twice", "2-0", "b", "w", 0)  # another entry of a running id
+    assert (running.run, running.duplicate_of) == (False, "running")
+    await store.publish("twice", "a", Cancelled(), 1)
+    finished = await store.start("twice", "1-0", "c", "w", 0)
+    assert (finished.run, finished.duplicate_of) == (False, "cancelled")
+
+
+async def test_hand_back_is_not_an_attempt_and_retry_is(ar: aioredis.Redis, r: redis.Redis) -> None:
+    store = JobStore(ar)
+    await store.start("back", "1-0", "a", "w", 0)
+    assert await store.release("back", "wrong-token") is False
+    assert await store.release("back", "a") is True  # SIGTERM hand-back
+    assert (await store.start("back", "2-0", "b", "w", 0)).attempts == 1
+    assert await store.release("back", "b", failed_attempt=True) is True  # transient error: counted
+    assert (await store.start("back", "3-0", "c", "w", 0)).attempts == 2
+    assert r.hget(c.job_state_key("back"), "status") == "running"
+
+
+async def test_replay_stream_is_capped_at_20000_events(ar: aioredis.Redis, r: redis.Redis) -> None:
+    store = JobStore(ar)
+    await store.start("long", "1-0", "t", "w", 0)
+    total = c.REPLAY_MAXLEN + 3 * NODE
+    for seq in range(1, total + 1):  # one publish in flight at a time, as a run publishes
+        await store.publish("long", "t", Delta(text="x"), seq)
+    key = c.job_events_key("long")
+    assert c.REPLAY_MAXLEN == 20_000
+    assert c.REPLAY_MAXLEN <= r.xlen(key) < c.REPLAY_MAXLEN + NODE
+    oldest, newest = (json.loads(r.xrange(key, count=1)[0][1]["e"]), json.loads(r.xrevrange(key, count=1)[0][1]["e"]))
+    assert oldest["seq"] > 1 and newest["seq"] == total  # the oldest events went, seq numbering did not
+    assert 3590 < r.ttl(key) <= c.JOB_TTL_S
+
+
+async def test_queued_jobs_are_marked_and_never_trimmed(r: redis.Redis) -> None:
+    """Every queued entry stays until a worker finishes it (no MAXLEN: a trim would drop queued and running
+    jobs; ../shared/reproductions/maxlen_trim.py shows the 100,000-entry case); each id is marked queued."""
+    with r.pipeline(transaction=False) as pipe:
+        for k in range(2500):
+            jobs.queue_commands(pipe, Job.model_validate(job(f"cap{k}")))
+        pipe.execute()
+    assert r.xlen(c.job_stream("fake")) == 2500
+    assert r.xinfo_stream(c.job_stream("fake"))["max-deleted-entry-id"] == "0-0"
+    assert r.hgetall(c.job_state_key("cap2499")) == {"status": "queued"}
+    assert 3590 < r.ttl(c.job_state_key("cap2499")) <= c.JOB_TTL_S
+
+
+async def test_dead_letter_stream_is_capped(
+    monkeypatch: pytest.MonkeyPatch, ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    assert c.DEAD_LETTER_MAXLEN == 10_000  # the documented cap; the worker below runs with a smaller one
+    monkeypatch.setattr(c, "DEAD_LETTER_MAXLEN", 300)
+    with r.pipeline(transaction=False) as pipe:
+        for k in range(800):
+            pipe.xadd(c.job_stream("fake"), {"job": f"garbage {k}"})
+        pipe.execute()
+    settings = WorkerSettings(fake_engine=True, limit_model_concurrency=50, heartbeat_s=0.5)
+    worker = Worker(settings, FakeEngine(), ar)
+    running = asyncio.create_task(worker.run())
+    try:
+        # polled from a thread: this event loop runs the worker meanwhile
+        await asyncio.to_thread(wait_for, lambda: r.xlen(c.job_stream("fake")) == 0, 60, "the stream to drain")
+    finally:
+        worker.stop()
+        await running
+    assert r.xlen(c.job_stream("fake")) == 0
+    assert 300 <= r.xlen(c.DEAD_LETTER_STREAM) < 300 + NODE
+    newest = json.loads(r.xrevrange(c.DEAD_LETTER_STREAM, count=1)[0][1]["letter"])
+    assert newest["fields"] == {"job": "garbage 799"}  # the oldest letters went, not the newest
+
+
+async def test_stale_worker_ids_are_pruned_and_health_keys_expire(ar: aioredis.Redis, r: redis.Redis) -> None:
+    now_ms = int(time.time() * 1000)
+    r.zadd(c.WORKERS_INDEX, {"long-gone": now_ms - 1000, "still-fresh": now_ms + 60_000})
+    await health.record(ar, WorkerHealth(worker_id="me", model="fake", slots=1, running=0), c.HEALTH_TTL_S)
+    assert set(r.zrange(c.WORKERS_INDEX, 0, -1)) == {"still-fresh", "me"}
+    assert 29 <= r.ttl(c.WORKERS_INDEX) <= 31  # 3 x the 10 s health TTL + 1
+    assert 9000 < r.pttl(c.worker_health_key("me")) <= 10_000
+    assert [w.worker_id for w in await health.live_workers(ar)] == ["me"]  # no health key: not live
+    await health.remove(ar, "me")
+    assert r.zrange(c.WORKERS_INDEX, 0, -1) == ["still-fresh"] and not r.exists(c.worker_health_key("me"))
