@@ -325,14 +325,13 @@ def test_bearer_token_guards_the_protocol_endpoints(start_worker, start_gateway)
     assert (wrong.status_code, wrong.headers["www-authenticate"]) == (401, "Bearer")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 (N): routes_ops mounts /jobs/{id}/stream and /jobs/{id}/cancel without the token"
-)
 def test_bearer_token_guards_the_job_endpoints(start_worker, start_gateway, r: redis.Redis) -> None:  # type: ignore[no-untyped-def]
     start_worker()
     _, base = start_gateway("--api-token", "s3cret")
     assert refused_without_token(base, api_routes(job_routes=True)) == {}
-    assert not r.exists("ivl:job:{no-token-job}:cancel")
+    assert httpx.post(base + "/jobs/planted/cancel", timeout=30).status_code == 401
+    assert not r.exists("ivl:job:{planted}:cancel")  # a refused request writes nothing
+    assert r.exists("ivl:job:{no-token-job}:cancel")  # (the request with the token did)
 
 
 def test_health_and_metrics_need_no_token(start_worker, start_gateway) -> None:  # type: ignore[no-untyped-def]

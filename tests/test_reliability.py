@@ -219,11 +219,6 @@ def test_redis_restart_with_aof_keeps_queued_jobs_and_finishes_them(tmp_path: Pa
         server.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (reproductions/pubsub_after_outage.py, issue 10): after an outage longer than redis-py's "
-    "retries the gateway never subscribes again the channels of streams in flight; they go on by the 1 s poll",
-)
 def test_streams_in_flight_subscribe_again_after_a_redis_outage(tmp_path: Path, procs: list[Proc]) -> None:
     server = RedisServer(tmp_path, extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
     try:
