@@ -164,7 +164,7 @@ def main() -> None:
 
 st.navigation(
     [
-        st.Page(main, title="Chat", icon="💬", default=True),
-        st.Page(operations.render, title="Operations", icon="🛠️", url_path="operations"),
+        st.Page(main, title="Chat", icon=":material/chat:", default=True),
+        st.Page(operations.render, title="Operations", icon=":material/monitoring:", url_path="operations"),
     ]
 ).run()

@@ -10,6 +10,7 @@ first opened; Grafana (docker compose --profile monitoring) keeps the long histo
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REFRESH_S = float(os.environ.get("OPS_REFRESH_S", "2"))
 HISTORY_S = 600
 DEAD_SHOWN = 20
+MESSAGE_S = 30.0
 
 
 @dataclass
@@ -84,13 +86,22 @@ def failures() -> tuple[dict[int, int], list[dict[str, Any]]]:
 
 def requeue(dead_id: str) -> None:
     result = ops.requeue(client(), dead_id)
-    st.session_state.ops_message = ("success" if result.ok else "error", result.message)
+    st.session_state.ops_message = ("success" if result.ok else "error", result.message, time.monotonic())
+
+
+def literal(text: str) -> str:
+    """Markdown that shows ``text`` as it is (a reason quotes whatever arrived on the stream)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", text)
+
+
+def seconds(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1f} s"  # not "-": a table cell is Markdown (a list item)
 
 
 def show_models(status: read.Status) -> None:
     rows = [
-        {"model": m.model, "queued": m.queued, "running": m.running, "oldest wait (s)": m.oldest_waiting_s,
-         "workers": m.workers, "slots": f"{m.slots_used}/{m.slots}", "tokens/s": m.tokens_per_s}
+        {"model": m.model, "queued": m.queued, "running": m.running, "oldest wait": seconds(m.oldest_waiting_s),
+         "workers": m.workers, "slots": f"{m.slots_used}/{m.slots}", "tokens/s": f"{m.tokens_per_s:.1f}"}
         for m in status.models
     ]  # fmt: skip
     st.subheader("Queues")
@@ -103,8 +114,8 @@ def show_models(status: read.Status) -> None:
 def show_workers(status: read.Status) -> None:
     rows = [
         {"worker": w.worker_id, "host": w.host, "model": w.model, "device": w.device,
-         "slots": f"{w.slots_used}/{w.slots}", "tokens/s": w.tokens_per_s, "jobs done": w.jobs_done,
-         "heartbeat (s ago)": w.heartbeat_age_s, "state": "draining" if w.draining else "serving"}
+         "slots": f"{w.slots_used}/{w.slots}", "tokens/s": f"{w.tokens_per_s:.1f}", "jobs done": w.jobs_done,
+         "last heartbeat": seconds(w.heartbeat_age_s) + " ago", "state": "draining" if w.draining else "serving"}
         for w in status.workers
     ]  # fmt: skip
     st.subheader(f"Live workers ({len(rows)})")
@@ -127,17 +138,27 @@ def show_charts() -> None:
 def show_dead(total: int) -> None:
     letters = read.dead_letters(client(), DEAD_SHOWN)
     st.subheader(f"Dead letters ({total})")
-    if message := st.session_state.pop("ops_message", None):
+    message = st.session_state.get("ops_message")
+    if message and time.monotonic() - message[2] < MESSAGE_S:  # the page refreshes: keep it long enough to read
         (st.success if message[0] == "success" else st.error)(message[1])
     if not letters:
         st.caption("None.")
     for d in letters:
-        cols = st.columns([2, 2, 2, 5, 1])
-        cols[0].markdown(f"`{d.id}`  \n{read.age_s(d.at_ms, now_ms())} s ago")
+        cols = st.columns([2, 2, 2, 5, 2], vertical_alignment="center")
+        cols[0].markdown(f"`{d.id}`  \n{seconds(read.age_s(d.at_ms, now_ms()))} ago")
         cols[1].markdown(f"model `{d.model or '-'}`")
         cols[2].markdown(f"job `{d.job_id or '-'}`")
-        cols[3].markdown(f"**Reason:** {d.reason}" + (f"  \n_{d.cannot_run}_" if d.cannot_run else ""))
-        cols[4].button("Requeue", key=f"requeue-{d.id}", disabled=bool(d.cannot_run), on_click=requeue, args=(d.id,))
+        why = "" if d.cannot_run in ("", f"cannot run: {d.reason}") else f"  \n_{literal(d.cannot_run)}_"
+        cols[3].markdown(f"**Reason:** {literal(d.reason)}{why}")
+        help_text = d.cannot_run or f"run job {d.job_id} again under its id"
+        cols[4].button(
+            "Requeue",
+            key=f"requeue-{d.id}",
+            disabled=bool(d.cannot_run),
+            on_click=requeue,
+            args=(d.id,),
+            help=help_text,
+        )
 
 
 def show_failures() -> None:
