@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="broker-gateway", description="HTTP gateway in front of Redis workers")
     settings_cli.add_arguments(parser, GatewaySettings)
     settings = settings_cli.build(GatewaySettings, parser.parse_args(argv))
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     log.info(
         "gateway on %s:%d, redis %s, controller %s",
         settings.host,
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,  # uvicorn's own lines go through the root handler too (one format, JSON included)
         timeout_graceful_shutdown=5,
     )
     _Server(config, app).run()

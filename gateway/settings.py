@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -27,6 +29,7 @@ class GatewaySettings(RedisSettings):
     start_timeout_s: float = Field(default=120.0, gt=0, description="a job no worker starts in this time fails")
     idle_timeout_s: float = Field(default=120.0, gt=0, description="a started job silent this long fails")
     log_level: str = Field(default="info")
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
 
     def public_url(self) -> str:
         return (self.worker_address or f"http://{self.host}:{self.port}").rstrip("/")
