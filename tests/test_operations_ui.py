@@ -60,7 +60,8 @@ def test_operations_page(  # type: ignore[no-untyped-def]
         expect(page.get_by_text("job ui-dead-1 requeued on ivl:jobs:ops")).to_be_visible(timeout=30_000)
         expect(page.locator(f".st-key-requeue-{dead_id}")).to_have_count(0, timeout=30_000)
         garbage = [i for i, letter in letters(r) if letter["job_id"] is None]
-        assert len(garbage) == 2 and all(page.locator(f".st-key-requeue-{i} button").first.is_disabled() for i in garbage)
+        assert len(garbage) == 2
+        assert all(page.locator(f".st-key-requeue-{i} button").first.is_disabled() for i in garbage)
         page.screenshot(path=str(ARTIFACTS / "operations_requeued.png"), full_page=True)
         browser.close()
     assert [i for i, _ in letters(r)] == garbage
