@@ -74,7 +74,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
 def run(settings: WorkerSettings) -> int:
     from broker_worker.logs import configure
 
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     log.info("connecting to %s", redact(settings.redis_url))
     engine = build_engine(settings)
     try:

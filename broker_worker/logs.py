@@ -19,9 +19,12 @@ class RedactingFormatter(logging.Formatter):
         return redact_text(super().format(record))
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", log_format: str = "text") -> None:
+    """``log_format`` ``json``: one JSON object per line (``log_json``), the job id a field. Both redact secrets."""
+    from broker_worker.log_json import JsonFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else RedactingFormatter(FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -54,6 +54,7 @@ class WorkerSettings(RedisSettings):
     fake_engine: bool = Field(default=False, description="serve a deterministic fake model (tests, benchmarks)")
     fake_token_delay_s: float = Field(default=0.0, ge=0, description="per-token delay of the fake engine")
     log_level: str = Field(default="INFO")
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
 
     def resolved_model_name(self) -> str:
         """InternVL's worker's rule: the last path part, or ``<parent>_<last>`` for ``checkpoint-N`` directories."""

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from broker_worker.job_queue import Entry, JobQueue, at_end_of_id_space
 from broker_worker.job_run import JobRunner
 from broker_worker.model.engine import Engine
+from broker_worker.protocol import constants as c
 from broker_worker.protocol import health
 from broker_worker.protocol.jobs import JobStore
 from broker_worker.protocol.messages import WorkerHealth, now_ms
@@ -47,6 +48,9 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: Set once running jobs are drained. The heartbeat ends on it by itself: with redis-py's asyncio client
+        #: on Python 3.11, a cancel that lands while a command is in flight can be swallowed.
+        self._drained = False
         self._started_ms = now_ms()
         self._next_take_over = 0.0
         self.runner = JobRunner(
@@ -76,6 +80,7 @@ class Worker:
             log.error("worker loop crashed: %r; stopping", crashed.exception(), exc_info=crashed.exception())
             self.stop()
         await self._drain()
+        self._drained = True
         for task in [stopping, *background]:
             task.cancel()
         await asyncio.gather(stopping, *background, return_exceptions=True)
@@ -147,9 +152,12 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
-        while True:
+        while not self._drained:
             with contextlib.suppress(RedisError, OSError):
                 await health.record(self.redis, self._health(), self.settings.health_ttl_s)
+                if not self._stopping.is_set() and await self.redis.exists(c.worker_drain_key(self.worker_id)):
+                    log.info("worker %s drain requested through Redis", self.worker_id)
+                    self.stop()  # the SIGTERM path: finish or hand back the running jobs, then exit
                 await self.queue.ensure_group()  # re-creates the group after a Redis restart without persistence
                 if beats % 30 == 0:
                     await self.queue.forget_dead_consumers(int(self.settings.forget_consumers_after_s * 1000))

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="broker-gateway", description="HTTP gateway in front of Redis workers")
     settings_cli.add_arguments(parser, GatewaySettings)
     settings = settings_cli.build(GatewaySettings, parser.parse_args(argv))
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     log.info(
         "gateway on %s:%d, redis %s, controller %s",
         settings.host,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -39,6 +41,7 @@ class GatewaySettings(RedisSettings):
         default=30.0, gt=0, description="a request's whole body must arrive within this time after its headers (408)"
     )
     log_level: str = Field(default="info")
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line")
 
     def public_url(self) -> str:
         return (self.worker_address or f"http://{self.host}:{self.port}").rstrip("/")

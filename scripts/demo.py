@@ -161,7 +161,7 @@ def main() -> None:
             "false",
         ],
         "ui",
-        env={"GATEWAY_URL": f"http://127.0.0.1:{gateway_port}"},
+        env={"GATEWAY_URL": f"http://127.0.0.1:{gateway_port}", "REDIS_URL": url},  # REDIS_URL: the Operations page
     )
     log(f"gateway  http://127.0.0.1:{gateway_port}  (POST /worker_generate_stream, /v1/chat/completions, /metrics)")
     log(f"chat UI  http://127.0.0.1:{ui_port}")

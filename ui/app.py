@@ -1,7 +1,8 @@
 """Streamlit chat for InternVL behind the gateway: what InternVL's streamlit_demo users know, plus a stop button.
 
 Talks only HTTP to the gateway (the FastChat worker protocol), so it also works against InternVL's own workers.
-Run: ``streamlit run ui/app.py`` with ``GATEWAY_URL`` (default http://127.0.0.1:8000).
+Run: ``streamlit run ui/app.py`` with ``GATEWAY_URL`` (default http://127.0.0.1:8000). A second page,
+Operations (``ui/operations.py``, ``REDIS_URL``), shows the queues, workers and dead letters.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 import streamlit as st
 from PIL import Image
 
+from ui import operations
 from ui.grounding import draw_boxes, find_boxes
 
 GATEWAY = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
@@ -160,4 +162,9 @@ def main() -> None:
     st.rerun()
 
 
-main()
+st.navigation(
+    [
+        st.Page(main, title="Chat", icon=":material/chat:", default=True),
+        st.Page(operations.render, title="Operations", icon=":material/monitoring:", url_path="operations"),
+    ]
+).run()

@@ -68,3 +68,9 @@ def job_cancel_key(job_id: str) -> str:
 
 def worker_health_key(worker_id: str) -> str:
     return f"{KEY_PREFIX}:worker:{worker_id}"
+
+
+def worker_drain_key(worker_id: str) -> str:
+    """String key; exists = the worker is asked to drain (``broker-admin drain``): it stops taking jobs, finishes
+    or hands back its running ones as on SIGTERM, then exits. Checked every heartbeat."""
+    return f"{KEY_PREFIX}:worker:{worker_id}:drain"
