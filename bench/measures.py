@@ -19,7 +19,7 @@ from PIL import Image
 from broker_worker.model import tiling
 from broker_worker.model.prompt import build_conversation
 from broker_worker.protocol.messages import ChatMessage, Job
-from tests import seed_reference
+from tests import internvl_reference
 from tests.helpers import Proc, RedisServer, png_b64, served_models, spawn, spawn_gateway, wait_for, worker_args
 
 
@@ -81,23 +81,23 @@ def tiling_speed() -> dict[str, Any]:
     torch.set_num_threads(1)
     sizes = [(1920, 1080), (800, 600), (1024, 4000), (640, 480), (3000, 2000), (448, 448), (1280, 720)]
     images = [noise(*s) for s in sizes]
-    seed_times, ours_times, max_diff = [], [], 0.0
+    internvl_times, ours_times, max_diff = [], [], 0.0
     for _ in range(5):
         for image in images:
             t0 = time.perf_counter()
-            expected = seed_reference.pixel_values(image, 12)
+            expected = internvl_reference.pixel_values(image, 12)
             t1 = time.perf_counter()
             actual = tiling.tile_image(image, max_num=12)
             t2 = time.perf_counter()
-            seed_times.append(t1 - t0)
+            internvl_times.append(t1 - t0)
             ours_times.append(t2 - t1)
             max_diff = max(max_diff, float((expected - actual).abs().max()))
     torch.set_num_threads(torch.get_num_threads())
     return {
-        "tiling_speedup": round(sum(seed_times) / sum(ours_times), 3),
+        "tiling_speedup": round(sum(internvl_times) / sum(ours_times), 3),
         "tiling_max_abs_diff": max_diff,
         "tiling_ms": {
-            "seed_median": round(statistics.median(seed_times) * 1000, 2),
+            "internvl_median": round(statistics.median(internvl_times) * 1000, 2),
             "tile_image_median": round(statistics.median(ours_times) * 1000, 2),
         },
     }
@@ -295,10 +295,10 @@ def redis_bytes(workdir: Path) -> dict[str, Any]:
                 "events": events,
                 "output_bytes": len(text.encode()),
             }
-    # The seed re-sends the whole text with every token: the sum of the prefix lengths.
+    # InternVL's model worker re-sends the whole text with every token: the sum of the prefix lengths.
     pieces = [f"t{i}:2 " for i in range(2000)]
     cumulative = sum(len("".join(pieces[: i + 1])) for i in range(len(pieces)))
-    out["seed_cumulative_bytes_per_output_byte"] = round(cumulative / len("".join(pieces)), 1)
+    out["internvl_cumulative_bytes_per_output_byte"] = round(cumulative / len("".join(pieces)), 1)
     return {"redis_bytes_per_output_byte": out["200_tok_per_s"]["bytes_per_output_byte"], "redis_bytes": out}
 
 

@@ -40,7 +40,7 @@ from broker_worker.protocol.messages import ChatMessage, Job
 from tests.helpers import Proc, RedisServer, served_models, spawn, spawn_gateway, wait_for, worker_args
 
 MODEL = "fake"
-SEED_PATH = "/worker_generate_stream"
+CHUNKS_PATH = "/worker_generate_stream"
 RESULTS = Path(__file__).resolve().parent / "results.json"
 LEASE_S = 3.0  # worker_args renews every lease/4 = 0.75 s: take-overs happen within the run
 TYPED_CODES = {int(code) for code in ErrorCode if code}
@@ -189,7 +189,7 @@ class Ctx:
 # --- reading and judging answers -------------------------------------------------------------------------------
 
 
-class SeedReader:
+class ChunkReader:
     """FastChat chunks (JSON + NUL) off a response, one at a time; a refusal is one such chunk too."""
 
     def __init__(self, response: httpx.Response) -> None:
@@ -213,7 +213,7 @@ def is_last(chunk: Chunk) -> bool:
     return bool(chunk.get("error_code")) or chunk.get("finish_reason") is not None
 
 
-async def read_chunks(reader: SeedReader, limit: int | None = None) -> list[Chunk]:
+async def read_chunks(reader: ChunkReader, limit: int | None = None) -> list[Chunk]:
     """Chunks up to the terminal one, the end of the body, or ``limit`` chunks."""
     chunks: list[Chunk] = []
     while limit is None or len(chunks) < limit:
@@ -226,7 +226,7 @@ async def read_chunks(reader: SeedReader, limit: int | None = None) -> list[Chun
     return chunks
 
 
-def seed_text(tally: Tally, job_id: str, chunks: list[Chunk]) -> str | None:
+def chunks_text(tally: Tally, job_id: str, chunks: list[Chunk]) -> str | None:
     """The cumulative text; None (and a problem) when a chunk is not the previous text plus more of the answer."""
     expected, text = tally.expected[job_id], ""
     for chunk in chunks:
@@ -263,8 +263,8 @@ def classify(tally: Tally, job_id: str, end: tuple[int, str | None], text: str, 
     return "broken"
 
 
-def judge_seed(tally: Tally, job_id: str, chunks: list[Chunk], cancel_ok: bool) -> str:
-    text = seed_text(tally, job_id, chunks)
+def judge_chunks(tally: Tally, job_id: str, chunks: list[Chunk], cancel_ok: bool) -> str:
+    text = chunks_text(tally, job_id, chunks)
     if text is None:
         return "wrong-text"
     last = chunks[-1] if chunks else {}
@@ -276,18 +276,18 @@ def judge_seed(tally: Tally, job_id: str, chunks: list[Chunk], cancel_ok: bool) 
 
 async def stream(ctx: Ctx, trace: Trace) -> str:
     job_id, body = ctx.new_job(trace)
-    async with ctx.post(SEED_PATH, body) as response:
-        chunks = await read_chunks(SeedReader(response))
-    return judge_seed(ctx.tally, job_id, chunks, cancel_ok=False)
+    async with ctx.post(CHUNKS_PATH, body) as response:
+        chunks = await read_chunks(ChunkReader(response))
+    return judge_chunks(ctx.tally, job_id, chunks, cancel_ok=False)
 
 
 async def hangup_mid(ctx: Ctx, trace: Trace) -> str:
     job_id, body = ctx.new_job(trace)
-    async with ctx.post(SEED_PATH, body) as response:
-        chunks = await read_chunks(SeedReader(response), limit=ctx.rng.randint(1, 3))
+    async with ctx.post(CHUNKS_PATH, body) as response:
+        chunks = await read_chunks(ChunkReader(response), limit=ctx.rng.randint(1, 3))
     if chunks and is_last(chunks[-1]):
-        return judge_seed(ctx.tally, job_id, chunks, cancel_ok=False)
-    return "hangup" if seed_text(ctx.tally, job_id, chunks) is not None else "wrong-text"
+        return judge_chunks(ctx.tally, job_id, chunks, cancel_ok=False)
+    return "hangup" if chunks_text(ctx.tally, job_id, chunks) is not None else "wrong-text"
 
 
 async def hangup_now(ctx: Ctx, trace: Trace) -> str:
@@ -295,7 +295,7 @@ async def hangup_now(ctx: Ctx, trace: Trace) -> str:
     _, body = ctx.new_job(trace)
     host, port = ctx.base().removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    head = f"POST {SEED_PATH} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+    head = f"POST {CHUNKS_PATH} HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(payload)}\r\n\r\n"
     _, writer = await asyncio.open_connection(host, int(port))
     writer.write(head.encode() + payload)
@@ -310,39 +310,39 @@ async def hangup_now(ctx: Ctx, trace: Trace) -> str:
 async def retry(ctx: Ctx, trace: Trace) -> str:
     """Re-send the same job_id, then let the stale first connection go: the retry must get the whole answer."""
     job_id, body = ctx.new_job(trace)
-    async with ctx.post(SEED_PATH, body) as stale:
-        await read_chunks(SeedReader(stale), limit=ctx.rng.randint(1, 3))
-        async with ctx.post(SEED_PATH, body) as again:
-            reader = SeedReader(again)
+    async with ctx.post(CHUNKS_PATH, body) as stale:
+        await read_chunks(ChunkReader(stale), limit=ctx.rng.randint(1, 3))
+        async with ctx.post(CHUNKS_PATH, body) as again:
+            reader = ChunkReader(again)
             chunks = await read_chunks(reader, limit=1)
             await stale.aclose()
             if chunks and not is_last(chunks[-1]):
                 chunks += await read_chunks(reader)
-    return judge_seed(ctx.tally, job_id, chunks, cancel_ok=False)
+    return judge_chunks(ctx.tally, job_id, chunks, cancel_ok=False)
 
 
 async def resubmit(ctx: Ctx, trace: Trace) -> str:
     """A finished id sent again answers the same text from the replay record, without running again."""
     job_id, body = ctx.new_job(trace)
-    async with ctx.post(SEED_PATH, body) as response:
-        outcome = judge_seed(ctx.tally, job_id, await read_chunks(SeedReader(response)), cancel_ok=False)
+    async with ctx.post(CHUNKS_PATH, body) as response:
+        outcome = judge_chunks(ctx.tally, job_id, await read_chunks(ChunkReader(response)), cancel_ok=False)
     if outcome != "done":
         return outcome
-    async with ctx.post(SEED_PATH, body) as response:
-        return judge_seed(ctx.tally, job_id, await read_chunks(SeedReader(response)), cancel_ok=False)
+    async with ctx.post(CHUNKS_PATH, body) as response:
+        return judge_chunks(ctx.tally, job_id, await read_chunks(ChunkReader(response)), cancel_ok=False)
 
 
 async def cancel(ctx: Ctx, trace: Trace) -> str:
     job_id, body = ctx.new_job(trace)
-    async with ctx.post(SEED_PATH, body) as response:
-        reader = SeedReader(response)
+    async with ctx.post(CHUNKS_PATH, body) as response:
+        reader = ChunkReader(response)
         chunks = await read_chunks(reader, limit=ctx.rng.randint(1, 4))
         if chunks and not is_last(chunks[-1]):
             answer = await ctx.http.post(f"{ctx.base()}/jobs/{job_id}/cancel")
             if answer.status_code != 200:
                 ctx.tally.problem("cancel-endpoint", f"{job_id}: HTTP {answer.status_code} {answer.text[:120]!r}")
             chunks += await read_chunks(reader)
-    return judge_seed(ctx.tally, job_id, chunks, cancel_ok=True)
+    return judge_chunks(ctx.tally, job_id, chunks, cancel_ok=True)
 
 
 async def sse(ctx: Ctx, trace: Trace) -> str:

@@ -17,7 +17,7 @@ from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.auth import TokenAuth
 from gateway.controller_bridge import ControllerBridge
-from gateway.errors import openai_error, seed_chunk, seed_error
+from gateway.errors import fastchat_chunk, fastchat_error, openai_error
 from gateway.metrics import Metrics
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
@@ -54,7 +54,7 @@ class BodyLimit:
             await self._refuse(send, exc.size)
 
     async def _refuse(self, send: Send, size: int) -> None:
-        body = seed_chunk(f"request body of {size} bytes is over the limit of {self.max_bytes} bytes", 40001)
+        body = fastchat_chunk(f"request body of {size} bytes is over the limit of {self.max_bytes} bytes", 40001)
         await send(
             {
                 "type": "http.response.start",
@@ -127,4 +127,4 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def _typed(request: Request, err: JobError) -> Response:
-    return openai_error(err) if request.url.path.startswith("/v1/") else seed_error(err)
+    return openai_error(err) if request.url.path.startswith("/v1/") else fastchat_error(err)

@@ -44,7 +44,7 @@ class ControllerBridge:
     async def step(self) -> None:
         status = await self.service.status()
         if not self.registered or status.model_names != self._models:
-            await self.register(status.to_seed())
+            await self.register(status.to_worker_status())
             self._models = status.model_names
         else:
             await self.heartbeat(status.queue_length)

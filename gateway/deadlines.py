@@ -16,7 +16,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from broker_worker.protocol.errors import ErrorCode
-from gateway.errors import seed_chunk
+from gateway.errors import fastchat_chunk
 
 log = logging.getLogger("gateway.http")
 
@@ -68,7 +68,7 @@ class DeadlineProtocol(HttpToolsProtocol):
 
 
 def _timeout_response(message: str) -> bytes:
-    body = seed_chunk(message, ErrorCode.VALIDATION_TYPE_ERROR)
+    body = fastchat_chunk(message, ErrorCode.VALIDATION_TYPE_ERROR)
     head = (
         b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
         + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()

@@ -1,4 +1,4 @@
-"""Errors as each protocol expects them: seed chunks (``json + \\0``) and OpenAI error objects."""
+"""Errors as each protocol expects them: FastChat worker chunks (``json + \\0``) and OpenAI error objects."""
 
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ def json_bytes(body: object) -> bytes:
         return json.dumps(body).encode()
 
 
-def seed_chunk(text: str, error_code: int = 0, **extra: Any) -> bytes:
+def fastchat_chunk(text: str, error_code: int = 0, **extra: Any) -> bytes:
     return json_bytes({"text": text, "error_code": int(error_code), **extra}) + b"\0"
 
 
-def seed_error(err: JobError, status_code: int | None = None) -> Response:
-    """A seed-protocol error: one chunk, parseable by clients that split on NUL and by plain JSON readers."""
+def fastchat_error(err: JobError, status_code: int | None = None) -> Response:
+    """A FastChat worker-protocol error: one chunk, parseable by clients that split on NUL and by plain JSON readers."""
     return Response(
-        seed_chunk(err.message, err.code),
+        fastchat_chunk(err.message, err.code),
         status_code=status_code or http_status(err.code),
         media_type="application/json",
     )

@@ -13,8 +13,8 @@ from broker_worker.protocol import jobs
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN
 from gateway.deps import get_service
-from gateway.errors import seed_error
-from gateway.seed_stream import seed_chunks
+from gateway.errors import fastchat_error
+from gateway.fastchat_stream import fastchat_chunks
 from gateway.service import GatewayService
 
 router = APIRouter(tags=["operations"])
@@ -51,15 +51,17 @@ async def metrics(service: Service) -> Response:
 
 @router.get("/jobs/{job_id}/stream", response_class=StreamingResponse)
 async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Query(ge=0)] = 0) -> Response:
-    """Continue a job's seed-format stream after sequence number ``after`` (e.g. after a gateway restart).
+    """Continue a job's FastChat chunk stream after sequence number ``after`` (e.g. after a gateway restart).
 
     Chunk text is cumulative over the events after ``after``; join it to what you already had.
     """
     if not await jobs.exists(service.client.redis, job_id):
-        return seed_error(
+        return fastchat_error(
             JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"), status_code=404
         )
-    return StreamingResponse(seed_chunks(service.resume(job_id, after), job_id), media_type="application/octet-stream")
+    return StreamingResponse(
+        fastchat_chunks(service.resume(job_id, after), job_id), media_type="application/octet-stream"
+    )
 
 
 @router.post("/jobs/{job_id}/cancel")

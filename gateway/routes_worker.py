@@ -1,4 +1,4 @@
-"""The seed worker's HTTP protocol: what InternVL's Streamlit app, api.py and the controller call, and what
+"""The FastChat worker protocol: what InternVL's Streamlit app, api.py and the controller call, and what
 FastChat's openai_api_server calls on a model worker."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Job, SamplingParams
 from gateway.deps import get_service
-from gateway.errors import seed_error
+from gateway.errors import fastchat_error
 from gateway.fastchat_conv import conv_template
-from gateway.seed_stream import seed_chunks
+from gateway.fastchat_stream import fastchat_chunks
 from gateway.service import GatewayService
-from gateway.validation import CountRequest, SeedRequest, build_job, count_prompt, worker_job
+from gateway.validation import CountRequest, GenerateRequest, build_job, count_prompt, worker_job
 
 router = APIRouter(tags=["worker protocol"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -39,11 +39,11 @@ FASTCHAT_EXAMPLE = {
     "stop": [],
     "stop_token_ids": None,
 }
-SeedBody = Annotated[SeedRequest, Body(examples=[EXAMPLE, FASTCHAT_EXAMPLE])]
+GenerateBody = Annotated[GenerateRequest, Body(examples=[EXAMPLE, FASTCHAT_EXAMPLE])]
 JsonBody = Annotated[dict[str, Any], Body()]
 
 
-async def _prepare(service: GatewayService, request: SeedRequest) -> Job:
+async def _prepare(service: GatewayService, request: GenerateRequest) -> Job:
     job = worker_job(request, service.settings)
     await service.admit(job.model)
     return job
@@ -56,29 +56,29 @@ async def _prepare(service: GatewayService, request: SeedRequest) -> Job:
         200: {"description": "JSON chunks, each followed by a NUL byte", "content": {"application/octet-stream": {}}}
     },
 )
-async def worker_generate_stream(body: SeedBody, service: Service) -> Response:
+async def worker_generate_stream(body: GenerateBody, service: Service) -> Response:
     try:
         job = await _prepare(service, body)
         events = await service.start(job)  # queued before the response starts: a full queue is an HTTP 429
     except JobError as exc:
         service.metrics.requests.labels("worker_generate_stream", "refused").inc()
-        return seed_error(exc)
+        return fastchat_error(exc)
     service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
     return StreamingResponse(
-        seed_chunks(events, job.id, body.echo_text),
+        fastchat_chunks(events, job.id, body.echo_text),
         media_type="application/octet-stream",
         headers={"X-Job-Id": job.id},
     )
 
 
 @router.post("/worker_generate")
-async def worker_generate(body: SeedBody, service: Service) -> Response:
+async def worker_generate(body: GenerateBody, service: Service) -> Response:
     """The same job, answered as one JSON object when it ends."""
     try:
         job = await _prepare(service, body)
         outcome = await service.complete(job)
     except JobError as exc:
-        return seed_error(exc)
+        return fastchat_error(exc)
     if outcome.failed is not None:
         return JSONResponse({"text": outcome.failed.message, "error_code": outcome.failed.error_code, "job_id": job.id})
     text = body.echo_text + outcome.text
@@ -90,7 +90,7 @@ async def worker_generate(body: SeedBody, service: Service) -> Response:
 
 @router.post("/worker_get_status")
 async def worker_get_status(service: Service) -> dict[str, object]:
-    return (await service.status()).to_seed()
+    return (await service.status()).to_worker_status()
 
 
 @router.post("/count_token")
@@ -106,7 +106,7 @@ async def count_token(body: Annotated[CountRequest, Body()], service: Service) -
         if outcome.failed is not None:
             raise JobError(ErrorCode(outcome.failed.error_code), outcome.failed.message)
     except JobError as exc:
-        return seed_error(exc)
+        return fastchat_error(exc)
     return JSONResponse({"count": outcome.usage.prompt_tokens if outcome.usage else 0, "error_code": 0})
 
 

@@ -30,7 +30,7 @@ class Status:
     def queue_length(self) -> int:
         return sum(self.queues.values())
 
-    def to_seed(self) -> dict[str, object]:
+    def to_worker_status(self) -> dict[str, object]:
         return {"model_names": self.model_names, "speed": max(1, len(self.workers)), "queue_length": self.queue_length}
 
 

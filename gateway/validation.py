@@ -61,7 +61,7 @@ def _prompt(value: Any) -> list[ChatMessage] | str:
 Prompt = Annotated[list[ChatMessage] | str, PlainValidator(_prompt, json_schema_input_type=list[ChatMessage] | str)]
 
 
-class SeedRequest(BaseModel):
+class GenerateRequest(BaseModel):
     """Body of ``/worker_generate_stream`` and ``/worker_generate``, in either of two forms.
 
     InternVL's (its Streamlit app, api.py): ``prompt`` is a list of messages, images inside them; parameters the
@@ -103,7 +103,7 @@ class SeedRequest(BaseModel):
 
 
 class CountRequest(BaseModel):
-    """Body of ``/count_token``: FastChat sends a plain string; a seed prompt list is accepted too."""
+    """Body of ``/count_token``: FastChat sends a plain string; InternVL's prompt list is accepted too."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -161,8 +161,8 @@ def validation_error(exc: ValidationError) -> JobError:
     return invalid(f"invalid request: {describe_problems(exc.errors(), empty='body')}")
 
 
-def worker_job(request: SeedRequest, settings: GatewaySettings) -> Job:
-    """The job for either form of the worker protocol's request (see ``SeedRequest``)."""
+def worker_job(request: GenerateRequest, settings: GatewaySettings) -> Job:
+    """The job for either form of the worker protocol's request (see ``GenerateRequest``)."""
     if request.logprobs is not None and request.logprobs is not False:
         raise JobError(ErrorCode.PARAM_OUT_OF_RANGE, "logprobs: this gateway's workers return no log probabilities")
     if isinstance(request.prompt, str):

@@ -53,7 +53,7 @@ def test_one_gpu_holds_everything() -> None:
         (32, 1, 0.8, [32]),  # the seed: a phantom layers.32 from float error
         (32, 2, 0.5, [11, 21]),  # the seed: planned [11, 22] (sum 33), real [12, 20]
         (32, 4, 0.5, [5, 9, 9, 9]),  # the seed: planned [5, 10, 10, 10], 3 phantom keys
-        (24, 8, 0.5, [2, 4, 3, 3, 3, 3, 3, 3]),  # the seed left GPU 7 empty
+        (24, 8, 0.5, [2, 4, 3, 3, 3, 3, 3, 3]),  # InternVL's split_model left GPU 7 empty
         (32, 8, 0.5, [2, 5, 5, 4, 4, 4, 4, 4]),
         (80, 4, 0.0, [20, 20, 20, 20]),
         (80, 4, 0.2, [17, 21, 21, 21]),
@@ -73,7 +73,7 @@ def test_one_gpu_holds_everything() -> None:
         (94, 8, 0.5, [6, 13, 13, 13, 13, 12, 12, 12]),  # round(6.27) = 6; 88 = 7 x 12 + 4
     ],
 )
-def test_seed_edge_cases_fixed(layers: int, gpus: int, alpha: float, expected: list[int]) -> None:
+def test_split_model_edge_cases_fixed(layers: int, gpus: int, alpha: float, expected: list[int]) -> None:
     assert layers_per_gpu(layers, gpus, alpha) == expected
     assert sum(expected) == layers
     mapped = layer_gpus(split_model(layers, gpus, alpha)) if gpus > 1 else {}

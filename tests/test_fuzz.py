@@ -35,7 +35,7 @@ from broker_worker.protocol.messages import (
     parse_event,
 )
 from gateway.settings import GatewaySettings
-from gateway.validation import OpenAIChatRequest, SeedRequest, build_job, openai_to_prompt
+from gateway.validation import GenerateRequest, OpenAIChatRequest, build_job, openai_to_prompt
 from tests.helpers import png_b64
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -121,7 +121,7 @@ def job_mutations(value: dict[str, Any], *, job_only: bool = True) -> st.SearchS
     """One broken field of a valid job (or of a worker-protocol request: ``job_only=False``), and where it shows."""
     message = st.integers(0, len(value["prompt"]) - 1)
     # a worker-protocol request's own bounds (FastChat's form sends any max_new_tokens: capped, not refused)
-    model: type[BaseModel] = Job if job_only else SeedRequest
+    model: type[BaseModel] = Job if job_only else GenerateRequest
     numeric = st.sampled_from(SAMPLING_FIELDS).flatmap(lambda f: out_of_range(model, f).map(lambda v: ((f,), v)))
     shared = st.one_of(
         numeric,
@@ -251,26 +251,26 @@ def test_events_round_trip_and_broken_ones_are_refused(event: Any, data: st.Data
 
 
 worker_requests = st.builds(
-    SeedRequest,
+    GenerateRequest,
     model=st.text(min_size=1, max_size=20),
     prompt=st.lists(messages, min_size=1, max_size=5),
     job_id=st.none() | job_ids,
-    **(sampling(SeedRequest) | {"max_new_tokens": st.integers(1, GatewaySettings().max_new_tokens)}),
+    **(sampling(GenerateRequest) | {"max_new_tokens": st.integers(1, GatewaySettings().max_new_tokens)}),
 )
 
 
 @FAST
 @given(worker_requests, st.data())
-def test_worker_requests_become_jobs_and_broken_ones_are_refused(request: SeedRequest, data: st.DataObject) -> None:
+def test_worker_requests_become_jobs_and_broken_ones_are_refused(request: GenerateRequest, data: st.DataObject) -> None:
     value = request.model_dump(mode="json")
-    parsed = SeedRequest.model_validate(value)
+    parsed = GenerateRequest.model_validate(value)
     built = build_job(parsed.model, parsed.prompt, parsed, GatewaySettings(), parsed.job_id)
     assert (built.prompt, built.model) == (request.prompt, request.model)
     assert {f: getattr(built, f) for f in SAMPLING_FIELDS} == {f: getattr(request, f) for f in SAMPLING_FIELDS}
     assert built.id == request.job_id or request.job_id is None
     path, bad = data.draw(job_mutations(value, job_only=False))
     with pytest.raises(ValidationError) as refused:
-        SeedRequest.model_validate(set_at(value, path, bad))
+        GenerateRequest.model_validate(set_at(value, path, bad))
     assert refused_at(refused.value, path), (path, refused.value.errors())
 
 

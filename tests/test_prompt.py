@@ -1,4 +1,4 @@
-"""The seed's conversation rules (reference/internvl.md section 1.3), checked on its own table."""
+"""InternVL's conversation rules (reference/internvl.md section 1.3), checked on its own table."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ SYSTEM = ChatMessage(role="system", content="SYS")
         ([SYSTEM, user("Q")], "Q", [], []),
     ],
 )
-def test_seed_table(
+def test_internvl_conversation_table(
     prompt: list[ChatMessage], question: str, history: list[tuple[str, str]], num_patches: list[int]
 ) -> None:
     conversation = build_conversation([*prompt, assistant(None)], max_input_tiles=12)

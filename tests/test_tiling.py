@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from broker_worker.model import tiling
-from tests import seed_reference as seed
+from tests import internvl_reference as internvl
 
 MODES = ["RGB", "RGBA", "L", "P", "CMYK"]
 
@@ -33,7 +33,7 @@ def cases(count: int, stream: int = 2024) -> list[tuple[int, int, int, str]]:
 @pytest.mark.parametrize(("width", "height", "max_num", "mode"), cases(120))
 def test_dynamic_preprocess_tiles_are_byte_identical(width: int, height: int, max_num: int, mode: str) -> None:
     image = noise(width, height, mode, width)
-    expected = seed.tiles(image, 1, max_num, 448, True)
+    expected = internvl.tiles(image, 1, max_num, 448, True)
     actual = tiling.dynamic_preprocess(image, min_num=1, max_num=max_num, image_size=448, use_thumbnail=True)
     assert [t.size for t in actual] == [t.size for t in expected]
     assert [t.mode for t in actual] == [t.mode for t in expected]
@@ -41,9 +41,9 @@ def test_dynamic_preprocess_tiles_are_byte_identical(width: int, height: int, ma
 
 
 @pytest.mark.parametrize(("width", "height", "max_num", "mode"), cases(24, stream=2025))  # sizes of its own
-def test_tile_image_equals_seed_pipeline(width: int, height: int, max_num: int, mode: str) -> None:
+def test_tile_image_equals_internvl_pipeline(width: int, height: int, max_num: int, mode: str) -> None:
     image = noise(width, height, mode, height)
-    expected = seed.pixel_values(image, max_num=max_num)
+    expected = internvl.pixel_values(image, max_num=max_num)
     actual = tiling.tile_image(image, max_num=max_num, image_size=448, use_thumbnail=True)
     assert actual.dtype == torch.float32
     assert torch.equal(actual, expected)
@@ -52,13 +52,13 @@ def test_tile_image_equals_seed_pipeline(width: int, height: int, max_num: int, 
 @pytest.mark.parametrize("use_thumbnail", [True, False])
 def test_tile_image_without_thumbnail_and_other_tile_size(use_thumbnail: bool) -> None:
     image = noise(700, 300, "RGB", 3)
-    expected = torch.stack([seed.transform(224)(t) for t in seed.tiles(image, 1, 6, 224, use_thumbnail)])
+    expected = torch.stack([internvl.transform(224)(t) for t in internvl.tiles(image, 1, 6, 224, use_thumbnail)])
     assert torch.equal(tiling.tile_image(image, max_num=6, image_size=224, use_thumbnail=use_thumbnail), expected)
 
 
-def test_build_transform_matches_seed() -> None:
+def test_build_transform_matches_internvl() -> None:
     image = noise(500, 200, "RGBA", 1)
-    assert torch.equal(tiling.build_transform(448)(image), seed.transform(448)(image))
+    assert torch.equal(tiling.build_transform(448)(image), internvl.transform(448)(image))
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_build_transform_matches_seed() -> None:
 )
 def test_grid_choice(size: tuple[int, int], max_num: int, grid: tuple[int, int]) -> None:
     assert tiling.choose_grid(*size, 1, max_num, 448) == grid
-    assert seed.grid(*size, 1, max_num, 448) == grid
+    assert internvl.grid(*size, 1, max_num, 448) == grid
 
 
 def test_exact_tie_prefers_larger_grid_for_large_images() -> None:

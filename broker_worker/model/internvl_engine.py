@@ -1,10 +1,10 @@
-"""The InternVL engine: seed semantics on a loaded checkpoint, with per-request state only.
+"""The InternVL engine: InternVL's model worker's semantics on a loaded checkpoint, with per-request state only.
 
 Per request: conversation and tile budgets (prompt.py), images decoded with limits and tiled (cached by
 content hash), input ids with ``<img><IMG_CONTEXT>×256·n</img>`` per image and client text that cannot form control
 tokens, counted against the context as they are built (prompt_tokens.py), then ``model.generate`` with a
 streamer that decodes incrementally and a stopping criterion that watches the cancel flag. Nothing on the model
-object is changed per request (the seed swaps ``model.system_message`` and races).
+object is changed per request (InternVL's model worker swaps ``model.system_message`` and races).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""From the seed's ``prompt`` list to the model's prompt text: turns, image placeholders, tile budgets, templates.
+"""From InternVL's ``prompt`` list to the model's prompt text: turns, image placeholders, tile budgets, templates.
 
-Keeps the seed's rules (reference/internvl.md section 1.3): the system message is passed per request (never
+Keeps InternVL's worker's rules (reference/internvl.md section 1.3): the system message is passed per request (never
 written into shared model state), images are labelled ``Image-k: <image>\\n`` (``<image>\\n`` when the whole
 conversation has one), the last user message with images shares ``max_input_tiles`` among its images and every
 earlier image gets one tile. Fixed on purpose: roles are checked, a trailing assistant message is a prefill
@@ -218,7 +218,7 @@ def _split_system(prompt: list[ChatMessage]) -> tuple[str | None, list[ChatMessa
 
 
 def _drop_trailing_empty_assistant(messages: list[ChatMessage]) -> list[ChatMessage]:
-    # The seed drops a trailing assistant message (InternVL's app appends one with content None).
+    # InternVL's model worker drops a trailing assistant message (InternVL's app appends one with content None).
     while messages and messages[-1].role == "assistant":
         messages = messages[:-1]
     return messages

@@ -1,4 +1,4 @@
-"""Events to the seed's wire format: cumulative ``text`` chunks, each followed by a NUL byte."""
+"""Events to the FastChat worker protocol's wire format: cumulative ``text`` chunks, each followed by a NUL byte."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Event
-from gateway.errors import seed_chunk
+from gateway.errors import fastchat_chunk
 
 
-async def seed_chunks(events: AsyncIterator[Event], job_id: str, echo: str = "") -> AsyncIterator[bytes]:
+async def fastchat_chunks(events: AsyncIterator[Event], job_id: str, echo: str = "") -> AsyncIterator[bytes]:
     """The last chunk carries ``finish_reason`` and ``usage``, or a non-zero ``error_code`` with the cause.
 
     Every chunk also carries ``job_id`` and ``seq``, so a client that loses the connection can resume with
@@ -22,9 +22,9 @@ async def seed_chunks(events: AsyncIterator[Event], job_id: str, echo: str = "")
         async for event in events:
             if event.type == "delta":
                 text += event.text
-                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq)
+                yield fastchat_chunk(text, 0, job_id=job_id, seq=event.seq)
             elif event.type == "done":
-                yield seed_chunk(
+                yield fastchat_chunk(
                     text,
                     0,
                     job_id=job_id,
@@ -33,10 +33,10 @@ async def seed_chunks(events: AsyncIterator[Event], job_id: str, echo: str = "")
                     usage=event.usage.with_total(),
                 )
             elif event.type == "failed":
-                yield seed_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
+                yield fastchat_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
             elif event.type == "cancelled":
-                yield seed_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason="cancelled")
+                yield fastchat_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason="cancelled")
     except JobError as exc:
-        yield seed_chunk(exc.message, exc.code, job_id=job_id)
+        yield fastchat_chunk(exc.message, exc.code, job_id=job_id)
     except (RedisError, OSError) as exc:
-        yield seed_chunk(f"Redis unavailable: {exc}", ErrorCode.INTERNAL_ERROR, job_id=job_id)
+        yield fastchat_chunk(f"Redis unavailable: {exc}", ErrorCode.INTERNAL_ERROR, job_id=job_id)

@@ -1,4 +1,4 @@
-"""The seed's tiling written the straightforward way (per-tile crop, convert, transforms), used as the oracle."""
+"""InternVL's tiling written the straightforward way (per-tile crop, convert, transforms), used as the oracle."""
 
 from __future__ import annotations
 
