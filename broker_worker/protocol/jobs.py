@@ -114,6 +114,19 @@ class JobStore:
             raise queue_full(job.model, int(entry[1]), max_queue, job.priority)
         return str(entry)
 
+    async def submit_many(self, jobs: list[Job]) -> None:
+        """Queue jobs in one round trip, each on its lane's stream, without a queue limit (the caller bounds what
+        it has in flight). Each entry goes in before its ``queued`` marker: a submitter killed half way leaves
+        at most an entry without a marker (it runs as a new job), never a marker without an entry, which a reader
+        that re-attaches to the id would wait on for ever."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                k = JobKeys.of(job.id)
+                stream = c.job_stream(job.model, job.priority)
+                await self._enqueue(keys=[stream], args=[job.model_dump_json(), 0], client=pipe)
+                await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
+            await pipe.execute()
+
 
 def queue_full(model: str, depth: int, limit: int, lane: str = c.INTERACTIVE) -> JobError:
     jobs = "jobs" if lane == c.INTERACTIVE else f"{lane} jobs"
