@@ -237,3 +237,9 @@ def test_job_ids_follow_the_line_not_the_run(tmp_path: Path) -> None:
     assert answered.custom_ids == {"q-0"} and (tmp_path / "out.jsonl").read_text().count("\n") == 1
     left = [p.custom_id for p in read(tmp_path / "a.jsonl", options, answered.has)]
     assert left == ["q-1", "q-2"]
+
+
+def test_broker_batch_imports_no_web_framework() -> None:
+    """It is a Redis client: a machine with only the core package (no FastAPI) runs it."""
+    code = "import sys; import broker_batch.cli; sys.exit(int('fastapi' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60, cwd=ROOT).returncode == 0
