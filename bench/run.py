@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import measures
+from bench import batch, measures
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -27,6 +27,8 @@ GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "redis_bytes_per_output_byte": ("<= 3", lambda v: v <= 3.0),
     "relay_chunks_per_s": (">= 20000", lambda v: v >= 20000),
     "batching_speedup_8": (">= 3 (stretch)", lambda v: v >= 3.0),
+    "batch_speedup_vs_one_by_one": (">= 5", lambda v: v >= 5.0),
+    "interactive_wait_behind_backlog_over_job_ms": ("<= 1", lambda v: v <= 1.0),
 }
 
 
@@ -56,6 +58,8 @@ def main() -> None:
             "bytes": lambda: measures.redis_bytes(workdir),
             "relay": lambda: measures.relay(workdir),
             "batching": lambda: measures.batching(workdir, model_path, args.device),
+            "batch": lambda: batch.throughput(workdir),
+            "lanes": lambda: batch.lanes(workdir),
         }
         results: dict[str, Any] = {}
         for name, step in steps.items():

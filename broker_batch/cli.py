@@ -86,6 +86,9 @@ async def _main(args: argparse.Namespace, url: str, options: Options) -> int:
         return await (_cancel(redis, args, options) if args.cancel else _run(redis, args, options))
     except asyncio.CancelledError:
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the files: an output folder that does not exist, a file it may not read or write
+        print(f"broker-batch: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     finally:
         with contextlib.suppress(RedisError, OSError):
             await redis.aclose()

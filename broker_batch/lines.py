@@ -14,7 +14,7 @@ import hashlib
 import json
 import mimetypes
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -57,7 +57,8 @@ class Options:
     base_dir: Path  # where image paths are relative to: the input file's directory
     model: str | None = None  # replaces every body's model
     priority: Priority = "batch"
-    settings: GatewaySettings | None = None  # the limits a gateway would apply (default: its own defaults)
+    #: The limits a gateway would apply (its settings from the environment, or its defaults); read once.
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 def read(path: Path, options: Options, answered: Callable[[int, str | None, bool], bool]) -> Iterator[Parsed]:
@@ -150,7 +151,7 @@ def to_job(custom_id: str, body: dict[str, Any], options: Options) -> Job:
         request = OpenAIChatRequest.model_validate(resolved)
     except ValidationError as exc:
         raise validation_error(exc) from exc
-    job = openai_job(request, options.settings or GatewaySettings())
+    job = openai_job(request, options.settings)
     # Batch jobs wait as long as the batch does: no start deadline (the gateway's is for a waiting client).
     return job.model_copy(update={"id": job_id(custom_id, body), "deadline_ms": None, "priority": options.priority})
 
@@ -176,28 +177,30 @@ def with_image_files(messages: object, base_dir: Path) -> object:
 
 
 def _with_file(part: object, base_dir: Path) -> object:
-    image = part.get("image_url") if isinstance(part, dict) else None
-    url = image.get("url") if isinstance(image, dict) else None
+    if not isinstance(part, dict) or not isinstance(part.get("image_url"), dict):
+        return part
+    image = part["image_url"]
+    url = image.get("url")
     if not isinstance(url, str) or url.startswith("data:"):
         return part
-    assert isinstance(part, dict) and isinstance(image, dict)
     return {**part, "image_url": {**image, "url": file_data_url(url, base_dir)}}
 
 
 def file_data_url(url: str, base_dir: Path) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme in ("http", "https"):
-        raise invalid(f"image_url {url[:200]!r}: remote images are not fetched; give a data: URL or a file path")
-    path = Path(unquote(urlsplit(url).path)) if scheme == "file" else Path(url)
+    """A local image file as a data: URL; only regular files are read (never a device or a fifo)."""
+    shown, parts = url[:200], urlsplit(url)
+    if parts.scheme not in ("", "file") and url.startswith(f"{parts.scheme}://"):  # "c:/x", "a:b.png": paths
+        raise invalid(f"image_url {shown!r}: remote images are not fetched; give a data: URL or a file path")
+    path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(url)
     path = path if path.is_absolute() else base_dir / path
     try:
+        if not path.is_file():
+            raise invalid(f"image file {shown!r} not found (looked for {path})")
         size = path.stat().st_size
         if size > DEFAULT_LIMITS.max_bytes:
-            raise invalid(f"image file {url[:200]!r} is {size} bytes; the limit is {DEFAULT_LIMITS.max_bytes}")
+            raise invalid(f"image file {shown!r} is {size} bytes; the limit is {DEFAULT_LIMITS.max_bytes}")
         data = path.read_bytes()
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise invalid(f"image file {url[:200]!r} not found (looked for {path})") from exc
-        raise JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"image file {url[:200]!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # unreadable, or a path Python refuses (a NUL byte in it)
+        raise JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"image file {shown!r}: {exc}") from exc
     mime = mimetypes.guess_type(path.name)[0] or "image/png"
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
