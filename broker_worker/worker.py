@@ -3,9 +3,9 @@ leases of the running ones, heart-beat, and drain on shutdown.
 
 Taking has an order (``lanes``): interactive jobs before batch jobs; within a lane, entries idle past the lease
 (a dead or frozen worker's, or handed back on shutdown) before entries nobody has started, so a resumed job never
-waits behind its lane's backlog. A job whose worker dies
-stays pending; another worker takes it over after ``lease_s`` and resumes from the text already published.
-Live workers renew their lease, so a long job is never run twice.
+waits behind its lane's backlog. A job whose worker dies stays pending; another worker takes it over after
+``lease_s`` and resumes from the text already published. Live workers renew their lease, so a long job is never
+run twice.
 """
 
 from __future__ import annotations
