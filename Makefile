@@ -33,8 +33,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not browser and not slow"
 
 lint: install
-	$(BIN)/ruff check broker_worker gateway tests bench ui scripts
-	$(BIN)/ruff format --check broker_worker gateway tests bench ui scripts
+	$(BIN)/ruff check broker_worker broker_batch gateway tests bench ui scripts
+	$(BIN)/ruff format --check broker_worker broker_batch gateway tests bench ui scripts
 	$(BIN)/mypy
 
 demo: install

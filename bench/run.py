@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import measures, refusals
+from bench import batch, measures, refusals
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -29,6 +29,8 @@ GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "batching_speedup_8": (">= 3 (stretch)", lambda v: v >= 3.0),
     "refusal_ms.max": ("<= 1000 ms", lambda v: v <= 1000.0),
     "refusal_rss_growth_mb": ("<= 150 MB", lambda v: v <= 150.0),
+    "batch_speedup_vs_one_by_one": (">= 5", lambda v: v >= 5.0),
+    "interactive_wait_behind_backlog_over_job_ms": ("<= 1", lambda v: v <= 1.0),
 }
 
 
@@ -59,6 +61,8 @@ def main() -> None:
             "relay": lambda: measures.relay(workdir),
             "batching": lambda: measures.batching(workdir, model_path, args.device),
             "refusals": lambda: refusals.refusals(workdir),
+            "batch": lambda: batch.throughput(workdir),
+            "lanes": lambda: batch.lanes(workdir),
         }
         results: dict[str, Any] = {}
         for name, step in steps.items():

@@ -47,7 +47,7 @@ TYPED_CODES = {int(code) for code in ErrorCode if code}
 FINISHED = ("stop", "length")
 TERMINAL = ("done", "failed", "cancelled")
 #: The only keys the protocol keeps without an expiry (docs/protocol.md).
-PERMANENT_KEYS = {c.job_stream(MODEL), c.DEAD_LETTER_STREAM}
+PERMANENT_KEYS = {*(c.job_stream(MODEL, lane) for lane in c.LANES), c.DEAD_LETTER_STREAM}  # a stream per lane
 Chunk = dict[str, Any]
 
 

@@ -1,5 +1,10 @@
-"""A model's job stream as one worker sees it. Every transition of a stream entry has one method here: take new
-entries, take over idle ones, keep (renew) the ones it runs, finish, hand back, dead-letter."""
+"""One lane's job stream of a model as one worker sees it. Every transition of a stream entry has one method
+here: take new entries, take over idle ones, keep (renew) the ones it runs, finish, hand back, dead-letter.
+
+A model has one stream per priority lane (``constants.LANES``), each with its own consumer group; a worker holds
+one ``JobQueue`` per lane, and in which order it takes from them is ``lanes.Lanes``'s business. Every ``Entry``
+remembers the queue it came from, so its later transitions (finish, hand back, dead-letter) hit its own stream.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +29,22 @@ RECLAIM_CALLS_PER_PASS = 10
 HANDBACK_IDLE_MS = 10**9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Entry:
     entry_id: str
     fields: dict[str, Any]
     reclaimed: bool
+    #: The lane's queue this entry was taken from: every later transition of it goes through this one.
+    queue: JobQueue
 
 
 class JobQueue:
-    def __init__(self, redis: aioredis.Redis, model: str, consumer: str, lease_s: float) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, model: str, consumer: str, lease_s: float, lane: str = c.INTERACTIVE
+    ) -> None:
         self.redis = redis
-        self.stream = c.job_stream(model)
+        self.lane = lane
+        self.stream = c.job_stream(model, lane)
         self.consumer = consumer
         self.lease_ms = int(lease_s * 1000)
         self._cursor = "0-0"
@@ -47,12 +57,16 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def take_new(self, count: int, block_ms: int) -> list[Entry]:
-        """Up to ``count`` entries no worker has seen, waiting up to ``block_ms`` for one."""
+    async def take_new(self, count: int) -> list[Entry]:
+        """Up to ``count`` entries no worker has seen, without waiting (see ``wait_new``)."""
         response: StreamReply = await self.redis.xreadgroup(  # type: ignore[assignment]
-            c.CONSUMER_GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+            c.CONSUMER_GROUP, self.consumer, {self.stream: ">"}, count=count
         )
-        return [Entry(i, f or {}, False) for _, entries in response or [] for i, f in entries]
+        return self.entries(response)
+
+    def entries(self, response: StreamReply) -> list[Entry]:
+        """The new entries of this queue's stream in an XREADGROUP reply (which may name several streams)."""
+        return [Entry(i, f or {}, False, self) for s, entries in response or [] if s == self.stream for i, f in entries]
 
     async def take_over(self, count: int, skip: set[str]) -> list[Entry]:
         """Up to ``count`` entries idle past the lease (their worker died, froze or handed them back).
@@ -68,7 +82,7 @@ class JobQueue:
             self._cursor, claimed = reply[0], reply[1]
             for entry_id in reply[2] if len(reply) > 2 else []:
                 await self.dead_letter(entry_id, {}, "entry deleted from the job stream while pending", None)
-            taken += [Entry(i, f or {}, True) for i, f in claimed if i not in skip and f is not None]
+            taken += [Entry(i, f or {}, True, self) for i, f in claimed if i not in skip and f is not None]
             if len(taken) >= count or self._cursor == "0-0":
                 break
         return taken
@@ -114,6 +128,21 @@ class JobQueue:
             if consumer["name"] != self.consumer and consumer["pending"] == 0 and consumer["idle"] > idle_ms:
                 await self.redis.xgroup_delconsumer(self.stream, c.CONSUMER_GROUP, consumer["name"])
                 log.info("forgot consumer %s (idle %.0fs, nothing pending)", consumer["name"], consumer["idle"] / 1000)
+
+
+async def wait_new(queues: list[JobQueue], count: int, block_ms: int) -> list[Entry]:
+    """Wait up to ``block_ms`` for new entries on any of the queues (of one consumer), in one XREADGROUP.
+
+    Redis answers for each stream that has entries, up to ``count`` each; what is over ``count`` in all (the
+    later queues' first) is handed back, so the next take-over pass of any worker takes it."""
+    first = queues[0]
+    response: StreamReply = await first.redis.xreadgroup(  # type: ignore[assignment]
+        c.CONSUMER_GROUP, first.consumer, {q.stream: ">" for q in queues}, count=count, block=block_ms
+    )
+    taken = [entry for queue in queues for entry in queue.entries(response)]
+    for entry in taken[count:]:
+        await entry.queue.hand_back(entry.entry_id)
+    return taken[:count]
 
 
 def at_end_of_id_space(entry_id: str) -> bool:

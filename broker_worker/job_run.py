@@ -3,7 +3,7 @@ token) → refuse what must not run (duplicate, cancelled, past deadline, too ma
 the replay → generate (deltas coalesced and published under the token) → terminal event → finish the entry.
 
 Every Redis transition has one owner: the job's keys change only through ``JobStore`` (Lua), the stream entry
-only through ``JobQueue``."""
+only through the ``JobQueue`` of the lane it came from (``entry.queue``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from broker_worker.job_queue import Entry, JobQueue
+from broker_worker.job_queue import Entry
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems
@@ -63,7 +63,6 @@ class JobRunner:
     settings: WorkerSettings
     engine: Engine
     store: JobStore
-    queue: JobQueue
     executor: Executor
     worker_id: str
     throughput: Throughput = field(default_factory=Throughput)
@@ -82,9 +81,9 @@ class JobRunner:
         decision = await self.store.start(job.id, entry.entry_id, token, self.worker_id, now_ms())
         if not decision.run:
             log.info("job %s duplicate of a %s job: not run again", job.id, decision.duplicate_of)
-            await self.queue.finish(entry.entry_id)
+            await entry.queue.finish(entry.entry_id)
             return
-        run = Running(job, entry.entry_id, token, seq=decision.seq)
+        run = Running(job, entry, token, seq=decision.seq)
         if reason := self._refusal(job, decision.attempts, decision.cancelled, decision.resumed):
             await self._refuse(run, *reason)
             return
@@ -111,9 +110,9 @@ class JobRunner:
         log.info("job %s %s", run.job.id, what)
         if what == "dead-lettered":
             fields = {c.JOB_FIELD: run.job.model_dump_json()}
-            await self.queue.dead_letter(run.entry_id, fields, _event_text(event), run.job.id)
+            await run.queue.dead_letter(run.entry_id, fields, _event_text(event), run.job.id)
         await run.publish(self.store, event)
-        await self.queue.finish(run.entry_id)
+        await run.queue.finish(run.entry_id)
 
     async def _execute(self, run: Running, resumed: bool, reclaimed: bool, attempt: int) -> None:
         job, started = run.job, time.perf_counter()
@@ -175,7 +174,7 @@ class JobRunner:
             return
         self.jobs_done += 1
         log.info("job %s %s in %.2fs", run.job.id, what, time.perf_counter() - started)
-        await self.queue.finish(run.entry_id)
+        await run.queue.finish(run.entry_id)
 
     async def _hand_back(self, run: Running, *, failed_attempt: bool = False) -> bool:
         """Give the job back (it keeps its text; the next run resumes it), ahead of jobs nobody has started."""
@@ -183,21 +182,21 @@ class JobRunner:
             del self.running[run.job.id]  # no lease renewal may undo the hand-back
         if not await self.store.release(run.job.id, run.token, failed_attempt=failed_attempt):
             return False
-        await self.queue.hand_back(run.entry_id)
+        await run.queue.hand_back(run.entry_id)
         return True
 
     async def reject(self, entry: Entry, reason: str) -> None:
         """Dead-letter an entry that can never run; tell whoever waits on its id (if it has one) why."""
         job_id = entry_job_id(entry.fields)
         log.warning("entry %s dead-lettered: %s", entry.entry_id, reason)
-        await self.queue.dead_letter(entry.entry_id, entry.fields, reason, job_id)
+        await entry.queue.dead_letter(entry.entry_id, entry.fields, reason, job_id)
         if job_id is not None:
             token = uuid.uuid4().hex[:12]
             decision = await self.store.start(job_id, entry.entry_id, token, self.worker_id, now_ms())
             if decision.run:
                 failed = Failed(error_code=ErrorCode.VALIDATION_TYPE_ERROR, message=reason)
                 await self.store.publish(job_id, token, failed, decision.seq + 1)
-        await self.queue.finish(entry.entry_id)
+        await entry.queue.finish(entry.entry_id)
 
 
 def _event_text(event: Event) -> str:

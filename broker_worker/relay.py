@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from broker_worker.job_queue import Entry, JobQueue
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
 from broker_worker.protocol.messages import Delta, Event, Job, Started
@@ -28,13 +29,22 @@ class Handback(Exception):
 @dataclass
 class Running:
     job: Job
-    entry_id: str
+    #: The stream entry being run (its queue is the lane it came from).
+    entry: Entry
     token: str
     #: Seq of the last event recorded for the job (this run's publishes continue from it).
     seq: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
     #: Why generation stopped early.
     stop_reason: StopReason | None = None
+
+    @property
+    def entry_id(self) -> str:
+        return self.entry.entry_id
+
+    @property
+    def queue(self) -> JobQueue:
+        return self.entry.queue
 
     def stop(self, reason: StopReason) -> None:
         self.stop_reason = self.stop_reason or reason

@@ -1,10 +1,11 @@
-"""The worker: take jobs from the model's stream when a slot is free, run each (``job_run``), renew the leases
-of the running ones, heart-beat, and drain on shutdown.
+"""The worker: take jobs from the model's streams when a slot is free, run each (``job_run``), renew the
+leases of the running ones, heart-beat, and drain on shutdown.
 
-Taking has an order: entries idle past the lease (a dead or frozen worker's, or handed back on shutdown) come
-before entries nobody has started, so a resumed job never waits behind the backlog. A job whose worker dies
-stays pending; another worker takes it over after ``lease_s`` and resumes from the text already published.
-Live workers renew their lease, so a long job is never run twice.
+Taking has an order (``lanes``): interactive jobs before batch jobs; within a lane, entries idle past the lease
+(a dead or frozen worker's, or handed back on shutdown) before entries nobody has started, so a resumed job never
+waits behind its lane's backlog. A job whose worker dies stays pending; another worker takes it over after
+``lease_s`` and resumes from the text already published. Live workers renew their lease, so a long job is never
+run twice.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker_worker.job_queue import Entry, JobQueue, at_end_of_id_space
+from broker_worker.job_queue import Entry, at_end_of_id_space
 from broker_worker.job_run import JobRunner
+from broker_worker.lanes import Lanes
 from broker_worker.model.engine import Engine
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health
@@ -43,7 +45,7 @@ class Worker:
         self.redis = redis
         self.model = engine.model_name
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.queue = JobQueue(redis, self.model, self.worker_id, settings.lease_s)
+        self.lanes = Lanes(redis, self.model, self.worker_id, settings.lease_s)
         self.slots = settings.limit_model_concurrency
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -53,9 +55,7 @@ class Worker:
         self._drained = False
         self._started_ms = now_ms()
         self._next_take_over = 0.0
-        self.runner = JobRunner(
-            settings, engine, JobStore(redis, settings.job_ttl_s), self.queue, self._executor(), self.worker_id
-        )
+        self.runner = JobRunner(settings, engine, JobStore(redis, settings.job_ttl_s), self._executor(), self.worker_id)
 
     def _executor(self) -> ThreadPoolExecutor:
         # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).
@@ -69,8 +69,9 @@ class Worker:
         return self.slots - len(self._tasks)
 
     async def run(self) -> None:
-        log.info("worker %s serving %r on %s (%d slots)", self.worker_id, self.model, self.queue.stream, self.slots)
-        await self.queue.ensure_group()
+        streams = " and ".join(self.lanes.streams)
+        log.info("worker %s serving %r on %s (%d slots)", self.worker_id, self.model, streams, self.slots)
+        await self.lanes.ensure_groups()
         loops = [self._heartbeat_loop(), self._renew_loop(), self._take_loop()]
         background = [asyncio.create_task(loop) for loop in loops]
         stopping = asyncio.create_task(self._stopping.wait())
@@ -118,16 +119,16 @@ class Worker:
                 await self._on_redis_error("take", exc)
 
     async def _take(self) -> list[Entry]:
-        """Idle entries first (checked at most every ``take_over_interval``), then new ones."""
-        if time.monotonic() >= self._next_take_over:
+        """In lane order; idle entries are looked for at most every ``take_over_interval``."""
+        take_over = time.monotonic() >= self._next_take_over
+        if take_over:
             self._next_take_over = time.monotonic() + self._take_over_interval()
-            own = {run.entry_id for run in self.runner.running.values()}
-            taken = await self.queue.take_over(self.free_slots, skip=own)
-            for entry in taken:
-                log.info("entry %s reclaimed from a silent worker", entry.entry_id)
-            if taken:
-                return taken
-        return await self.queue.take_new(self.free_slots, TAKE_BLOCK_MS)
+        running = [run.entry for run in self.runner.running.values()]
+        taken = await self.lanes.take(self.free_slots, running, take_over, TAKE_BLOCK_MS)
+        for entry in taken:
+            if entry.reclaimed:
+                log.info("entry %s of %s reclaimed from a silent worker", entry.entry_id, entry.queue.stream)
+        return taken
 
     def _take_over_interval(self) -> float:
         return max(0.2, min(self.settings.lease_s / 4, TAKE_BLOCK_MS / 1000))
@@ -139,7 +140,7 @@ class Worker:
                 await self._renew_all()
 
     async def _renew_all(self) -> None:
-        owned: list[str] = []
+        owned: list[Entry] = []
         for job_id, run in list(self.runner.running.items()):
             state = await self.runner.store.renew(job_id, run.token)
             if state == Ownership.TAKEN_OVER:
@@ -147,8 +148,8 @@ class Worker:
             elif state == Ownership.OWNED_BUT_CANCELLED:
                 run.stop(StopReason.CANCELLED)
             else:
-                owned.append(run.entry_id)
-        await self.queue.keep(owned)
+                owned.append(run.entry)
+        await self.lanes.keep(owned)
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
@@ -158,9 +159,9 @@ class Worker:
                 if not self._stopping.is_set() and await self.redis.exists(c.worker_drain_key(self.worker_id)):
                     log.info("worker %s drain requested through Redis", self.worker_id)
                     self.stop()  # the SIGTERM path: finish or hand back the running jobs, then exit
-                await self.queue.ensure_group()  # re-creates the group after a Redis restart without persistence
+                await self.lanes.ensure_groups()  # re-creates the groups after a Redis restart without persistence
                 if beats % 30 == 0:
-                    await self.queue.forget_dead_consumers(int(self.settings.forget_consumers_after_s * 1000))
+                    await self.lanes.forget_dead_consumers(int(self.settings.forget_consumers_after_s * 1000))
             beats += 1
             await asyncio.sleep(self.settings.heartbeat_s)
 
@@ -184,7 +185,7 @@ class Worker:
         log.warning("redis error during %s: %s; retrying", what, exc)
         await asyncio.sleep(0.5)
         with contextlib.suppress(RedisError, OSError):
-            await self.queue.ensure_group()
+            await self.lanes.ensure_groups()
 
     def _spawn(self, entry: Entry) -> None:
         task = asyncio.create_task(self._handle(entry))
@@ -193,8 +194,8 @@ class Worker:
 
     async def _handle(self, entry: Entry) -> None:
         if at_end_of_id_space(entry.entry_id):
-            await self.queue.dead_letter(entry.entry_id, entry.fields, "entry ID at the end of the ID space", None)
-            await self.queue.repair_last_id(entry.entry_id)
+            await entry.queue.dead_letter(entry.entry_id, entry.fields, "entry ID at the end of the ID space", None)
+            await entry.queue.repair_last_id(entry.entry_id)
             return
         await self.runner.handle(entry)
 

@@ -34,7 +34,12 @@ class Metrics:
             registry=r,
             buckets=(1, 5, 10, 25, 50, 100, 200, 500, 1000, 5000),
         )
-        self.queue_depth = Gauge("broker_queue_depth", "Jobs queued or running per model", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "broker_queue_depth", "Interactive jobs queued or running per model", ["model"], registry=r
+        )
+        self.batch_queue_depth = Gauge(
+            "broker_batch_queue_depth", "Batch-lane jobs queued or running per model", ["model"], registry=r
+        )
         self.live_workers = Gauge("broker_live_workers", "Workers with a fresh heartbeat", ["model"], registry=r)
         self.worker_tokens = Gauge(
             "broker_worker_tokens_per_second", "Tokens/s reported by workers", ["model"], registry=r
@@ -55,6 +60,11 @@ class Metrics:
         self.queue_depth.clear()
         for model, depth in queues.items():
             self.queue_depth.labels(model).set(depth)
+
+    def set_batch(self, queues: dict[str, int]) -> None:
+        self.batch_queue_depth.clear()
+        for model, depth in queues.items():
+            self.batch_queue_depth.labels(model).set(depth)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

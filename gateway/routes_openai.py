@@ -17,6 +17,8 @@ from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
 from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, stop_list, validation_error
+from broker_worker.protocol.messages import Job, Usage
+from gateway.validation import OpenAIChatRequest, openai_job
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -31,19 +33,7 @@ async def models(service: Service) -> dict[str, object]:
 @router.post("/chat/completions")
 async def chat_completions(request: OpenAIChatRequest, service: Service) -> Response:
     try:
-        refuse_unsupported(request)
-        params = SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            max_new_tokens=min(
-                request.max_completion_tokens or request.max_tokens or 1024, service.settings.max_new_tokens
-            ),
-            max_input_tiles=request.max_input_tiles,
-            repetition_penalty=request.repetition_penalty,
-        )
-        job = build_job(
-            request.model, openai_to_prompt(request), params, service.settings, stop=stop_list(request.stop)
-        )
+        job = openai_job(request, service.settings)
         await service.admit(job.model)
         if request.stream:  # queued before the response starts: a full queue is an HTTP 429
             events = await service.start(job)
@@ -55,16 +45,6 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(_sse(events, job, include_usage), media_type="text/event-stream")
     return await _complete(service, job)
-
-
-def refuse_unsupported(request: OpenAIChatRequest) -> None:
-    """What this API cannot honour is refused, never silently dropped."""
-    if request.n > 1:
-        raise JobError(
-            ErrorCode.PARAM_OUT_OF_RANGE, f"n: {request.n} choices asked; one per request here (send {request.n})"
-        )
-    if request.logprobs:
-        raise JobError(ErrorCode.PARAM_OUT_OF_RANGE, "logprobs: this gateway's workers return no log probabilities")
 
 
 async def _complete(service: GatewayService, job: Job) -> Response:

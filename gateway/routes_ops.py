@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 
 from broker_worker.protocol import constants as c
+from broker_worker.protocol import health as lanes_health
 from broker_worker.protocol import jobs
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN
@@ -24,14 +25,18 @@ JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN)]
 
 @router.get("/health")
 async def health(service: Service) -> Response:
+    """``queues``: interactive jobs queued or running per model (what a new request waits behind);
+    ``batch_queues``: the batch lane's, which a new interactive request goes ahead of."""
     try:
         status = await service.status()
+        batch = await lanes_health.queue_lengths(service.client.redis, sorted(status.queues), c.BATCH)
     except (RedisError, OSError) as exc:
         return JSONResponse({"status": "unavailable", "redis": False, "error": str(exc)}, status_code=503)
     per_model: dict[str, int] = {}
     for w in status.workers:
         per_model[w.model] = per_model.get(w.model, 0) + 1
-    return JSONResponse({"status": "ok", "redis": True, "workers": per_model, "queues": status.queues})
+    body = {"status": "ok", "redis": True, "workers": per_model, "queues": status.queues, "batch_queues": batch}
+    return JSONResponse(body)
 
 
 @router.get("/metrics")
@@ -42,6 +47,7 @@ async def metrics(service: Service) -> Response:
     try:
         status = await service.status()
         m.set_workers(status.workers, status.queues)
+        m.set_batch(await lanes_health.queue_lengths(service.client.redis, sorted(status.queues), c.BATCH))
         m.dead_letters.set(await service.client.redis.xlen(c.DEAD_LETTER_STREAM))
         m.redis_up.set(1)
     except (RedisError, OSError):

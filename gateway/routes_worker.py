@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from broker_worker.protocol import constants as c
+from broker_worker.protocol import health
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Job, SamplingParams
 from gateway.deps import get_service
@@ -90,7 +92,11 @@ async def worker_generate(body: GenerateBody, service: Service) -> Response:
 
 @router.post("/worker_get_status")
 async def worker_get_status(service: Service) -> dict[str, object]:
-    return (await service.status()).to_worker_status()
+    """``queue_length`` counts interactive jobs (what a new request waits behind; the controller's heartbeats
+    carry the same); ``batch_queue_length`` the batch lane's, which interactive requests go ahead of."""
+    status = await service.status()
+    batch = await health.queue_lengths(service.client.redis, sorted(status.queues), c.BATCH)
+    return status.to_worker_status() | {"batch_queue_length": sum(batch.values())}
 
 
 @router.post("/count_token")

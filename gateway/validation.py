@@ -233,6 +233,24 @@ def _to_message(index: int, message: OpenAIMessage) -> ChatMessage:
         raise invalid(f"invalid request: messages.{index}.{where}") from exc
 
 
+def openai_job(request: OpenAIChatRequest, settings: GatewaySettings) -> Job:
+    """The job of an OpenAI chat request (``/v1/chat/completions``, and each line of ``broker-batch``)."""
+    if request.n > 1:
+        raise JobError(
+            ErrorCode.PARAM_OUT_OF_RANGE, f"n: {request.n} choices asked; one per request here (send {request.n})"
+        )
+    if request.logprobs:
+        raise JobError(ErrorCode.PARAM_OUT_OF_RANGE, "logprobs: this gateway's workers return no log probabilities")
+    params = SamplingParams(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        max_new_tokens=min(request.max_completion_tokens or request.max_tokens or 1024, settings.max_new_tokens),
+        max_input_tiles=request.max_input_tiles,
+        repetition_penalty=request.repetition_penalty,
+    )
+    return build_job(request.model, openai_to_prompt(request), params, settings, stop=stop_list(request.stop))
+
+
 def _data_url(url: str) -> str:
     if not url.startswith("data:"):
         raise invalid("image_url must be a data: URL (base64); the gateway does not fetch remote images")

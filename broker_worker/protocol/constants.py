@@ -34,9 +34,18 @@ CONSUMER_FORGET_S = 3600.0  # a group consumer idle this long with nothing pendi
 SHUTDOWN_GRACE_S = 20.0  # on SIGTERM, running jobs get this long to finish before they are handed back
 
 
-def job_stream(model: str) -> str:
-    """The stream a model's jobs are queued on."""
-    return f"{KEY_PREFIX}:jobs:{model}"
+#: Priority lanes: each model has one job stream per lane, and a worker takes a batch job only when no interactive
+#: job of its model waits (broker_worker/lanes.py). Everything the gateway queues is interactive.
+INTERACTIVE = "interactive"
+BATCH = "batch"
+LANES = (INTERACTIVE, BATCH)
+
+
+def job_stream(model: str, lane: str = INTERACTIVE) -> str:
+    """The stream a model's jobs of one lane are queued on: ``ivl:jobs:<model>`` (interactive) or
+    ``ivl:jobs:<model>:batch``. Each has its own consumer group ``workers``."""
+    stream = f"{KEY_PREFIX}:jobs:{model}"
+    return stream if lane == INTERACTIVE else f"{stream}:{lane}"
 
 
 def job_stream_model(stream: str) -> str:

@@ -34,15 +34,17 @@ async def live_workers(redis: aioredis.Redis) -> list[WorkerHealth]:
     return [WorkerHealth.model_validate_json(v) for v in values if v]
 
 
-async def queue_length(redis: aioredis.Redis, model: str) -> int:
-    """Jobs waiting or running for a model: processed entries are deleted, so the stream length is the queue."""
-    return (await queue_lengths(redis, [model]))[model]
+async def queue_length(redis: aioredis.Redis, model: str, lane: str = c.INTERACTIVE) -> int:
+    """Jobs of one lane waiting or running for a model: processed entries are deleted, so the stream length is
+    the queue. The interactive lane's is what a new interactive request waits behind: it goes ahead of every
+    waiting batch job, so batch jobs count only as far as they hold slots."""
+    return (await queue_lengths(redis, [model], lane))[model]
 
 
-async def queue_lengths(redis: aioredis.Redis, models: list[str]) -> dict[str, int]:
+async def queue_lengths(redis: aioredis.Redis, models: list[str], lane: str = c.INTERACTIVE) -> dict[str, int]:
     """``queue_length`` of several models in one round trip."""
     async with redis.pipeline(transaction=False) as pipe:
         for model in models:
-            pipe.xlen(c.job_stream(model))
+            pipe.xlen(c.job_stream(model, lane))
         lengths = await pipe.execute()
     return {model: int(n) for model, n in zip(models, lengths, strict=True)}

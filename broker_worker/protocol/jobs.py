@@ -1,6 +1,6 @@
 """Job-side Redis operations, shared by workers and clients: submit, start, publish (fenced), renew, release,
 replay, cancel. Each multi-key step is one Lua script over keys that share the job's hash tag; queueing is one
-script over the model's stream (admission and XADD in one step)."""
+script over the stream of the model's lane (admission and XADD in one step)."""
 
 from __future__ import annotations
 
@@ -97,26 +97,42 @@ class JobStore:
     async def submit(self, job: Job, max_queue: int = 0) -> str:
         """Queue a job in one round trip; returns the stream entry id.
 
-        ``max_queue`` > 0 refuses (42903) when that many entries are queued or running for the model, checked
-        and added atomically. Re-submitting an id that is running or finished queues an entry that the worker
-        acks without running it (the start script decides), so the caller may simply stream the id's events.
+        The job goes on its lane's stream (``job.priority``). ``max_queue`` > 0 refuses (42903) when that many
+        entries of the lane are queued or running for the model, checked and added atomically. Re-submitting an
+        id that is running or finished queues an entry that the worker acks without running it (the start script
+        decides), so the caller may simply stream the id's events.
         """
         k = JobKeys.of(job.id)
         async with self.redis.pipeline(transaction=False) as pipe:
             await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
-            await self._enqueue(keys=[c.job_stream(job.model)], args=[job.model_dump_json(), max_queue], client=pipe)
+            stream = c.job_stream(job.model, job.priority)
+            await self._enqueue(keys=[stream], args=[job.model_dump_json(), max_queue], client=pipe)
             marked, entry = await pipe.execute()
         if isinstance(entry, list):  # ['full', depth]
             if marked:  # nothing was queued: do not leave a 'queued' marker behind
                 await self.redis.delete(k.state)
-            raise queue_full(job.model, int(entry[1]), max_queue)
+            raise queue_full(job.model, int(entry[1]), max_queue, job.priority)
         return str(entry)
 
+    async def submit_many(self, jobs: list[Job]) -> None:
+        """Queue jobs in one round trip, each on its lane's stream, without a queue limit (the caller bounds what
+        it has in flight). Each entry goes in before its ``queued`` marker: a submitter killed half way leaves
+        at most an entry without a marker (it runs as a new job), never a marker without an entry, which a reader
+        that re-attaches to the id would wait on for ever."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                k = JobKeys.of(job.id)
+                stream = c.job_stream(job.model, job.priority)
+                await self._enqueue(keys=[stream], args=[job.model_dump_json(), 0], client=pipe)
+                await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
+            await pipe.execute()
 
-def queue_full(model: str, depth: int, limit: int) -> JobError:
+
+def queue_full(model: str, depth: int, limit: int, lane: str = c.INTERACTIVE) -> JobError:
+    jobs = "jobs" if lane == c.INTERACTIVE else f"{lane} jobs"
     return JobError(
         ErrorCode.ENGINE_OVERLOADED,
-        f"{depth} jobs are queued or running for {model!r} (limit {limit}); retry later or start more workers",
+        f"{depth} {jobs} are queued or running for {model!r} (limit {limit}); retry later or start more workers",
     )
 
 
@@ -130,7 +146,7 @@ def queue_commands(pipe: Any, job: Job) -> None:
     text is sent each time, for callers that queue many jobs in one pipeline). The last reply is the entry id."""
     k = JobKeys.of(job.id)
     pipe.eval(lua("mark_queued"), 2, k.state, k.events, c.JOB_TTL_S)
-    pipe.eval(lua("enqueue"), 1, c.job_stream(job.model), job.model_dump_json(), 0)
+    pipe.eval(lua("enqueue"), 1, c.job_stream(job.model, job.priority), job.model_dump_json(), 0)
 
 
 async def exists(redis: aioredis.Redis, job_id: str) -> bool:

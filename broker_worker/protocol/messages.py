@@ -25,6 +25,8 @@ MAX_STOP_CHARS = 256
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,80}$"
 
 Role = Literal["system", "user", "assistant"]
+#: The lane a job is queued on (constants.LANES): a worker takes a batch job only when no interactive one waits.
+Priority = Literal["interactive", "batch"]
 
 
 def new_job_id() -> str:
@@ -83,6 +85,9 @@ class Job(SamplingParams):
     )
     #: Token ids that end generation besides the model's own end tokens (FastChat's ``stop_token_ids``).
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOPS)
+    #: Which lane the Python clients queue the job on (``JobStore.submit``). Workers go by the stream an entry
+    #: is on, so an entry added by hand to ``ivl:jobs:<model>:batch`` is a batch job whatever it says here.
+    priority: Priority = "interactive"
 
     @field_validator("prompt")
     @classmethod

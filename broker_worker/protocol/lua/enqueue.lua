@@ -1,5 +1,5 @@
 -- Queue a job entry unless the model's queue is full, atomically (so concurrent admissions cannot overshoot).
--- KEYS[1] the model's job stream; ARGV[1] job JSON, ARGV[2] limit on queued + running entries (0: none)
+-- KEYS[1] the job stream of the model's lane (the limit counts that lane only); ARGV[1] job JSON, ARGV[2] limit on queued + running entries (0: none)
 -- Returns the new entry id, or {'full', depth}. Processed entries are deleted, so XLEN is queued + running.
 local limit = tonumber(ARGV[2])
 if limit > 0 then
