@@ -12,13 +12,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import Event, Job, SamplingParams, Usage
+from broker_worker.protocol.messages import Event, Job, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
-from gateway.validation import OpenAIChatRequest, build_job, openai_to_prompt, stop_list, validation_error
-from broker_worker.protocol.messages import Job, Usage
-from gateway.validation import OpenAIChatRequest, openai_job
+from gateway.validation import OpenAIChatRequest, openai_job, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Service = Annotated[GatewayService, Depends(get_service)]
