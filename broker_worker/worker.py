@@ -127,7 +127,7 @@ class Worker:
         taken = await self.lanes.take(self.free_slots, running, take_over, TAKE_BLOCK_MS)
         for entry in taken:
             if entry.reclaimed:
-                log.info("entry %s of %s reclaimed from a silent worker", entry.entry_id, entry.queue.stream)
+                log.info("entry %s reclaimed from a silent worker (%s)", entry.entry_id, entry.queue.stream)
         return taken
 
     def _take_over_interval(self) -> float:

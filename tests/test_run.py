@@ -34,7 +34,7 @@ def test_compose_structure() -> None:
     assert "appendonly" in services["redis"]["command"]
     text = (ROOT / "docker-compose.yml").read_text()
     secrets = re.findall(r"\$\{(\w*(?:PASSWORD|TOKEN)\w*)(?::-([^}]*))?\}", text)
-    assert {name for name, _ in secrets} == {"REDIS_PASSWORD", "GATEWAY_API_TOKEN"}
+    assert {name for name, _ in secrets} == {"REDIS_PASSWORD", "GATEWAY_API_TOKEN", "GRAFANA_ADMIN_PASSWORD"}
     assert {default for _, default in secrets} == {""}  # secrets only via env, with no default value
     for service in services.values():
         for key, value in (service.get("environment") or {}).items():

@@ -49,7 +49,8 @@ def job_stream(model: str, lane: str = INTERACTIVE) -> str:
 
 
 def job_stream_model(stream: str) -> str:
-    return stream.removeprefix(f"{KEY_PREFIX}:jobs:")
+    """The model whose job stream (of either lane) this is."""
+    return stream.removeprefix(f"{KEY_PREFIX}:jobs:").removesuffix(f":{BATCH}")
 
 
 def job_state_key(job_id: str) -> str:
