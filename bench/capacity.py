@@ -25,12 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from bench.measures import pct
-from tests.helpers import Proc, RedisServer, served_models, spawn, spawn_gateway, wait_for, worker_args
+if TYPE_CHECKING:
+    from tests.helpers import RedisServer
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 TOKEN_DELAY_S = 0.05  # 20 tokens/s per job, as a served model streams
@@ -52,7 +52,12 @@ def request_bytes(protocol: str, port: int, k: int, tokens: int) -> bytes:
         }
     else:
         path = "/v1/chat/completions"
-        body = {"model": "fake", "stream": True, "max_tokens": tokens, "messages": [{"role": "user", "content": question}]}
+        body = {
+            "model": "fake",
+            "stream": True,
+            "max_tokens": tokens,
+            "messages": [{"role": "user", "content": question}],
+        }
     data = json.dumps(body).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
@@ -130,7 +135,15 @@ def redis_cpu_and_publishes(server: RedisServer) -> tuple[float, int]:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), publishes
 
 
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def one_n(workdir: Path, n: int, tokens: int, interval_ms: int) -> dict[str, Any]:
+    # Imported here: the client processes need none of it (tests.helpers pulls in the test stack).
+    from tests.helpers import Proc, RedisServer, served_models, spawn, spawn_gateway, wait_for, worker_args
+
     server = RedisServer(workdir).start()
     procs: list[Proc] = []
     workers = max(2, math.ceil(n / SLOTS_PER_WORKER))
@@ -155,8 +168,23 @@ def one_n(workdir: Path, n: int, tokens: int, interval_ms: int) -> dict[str, Any
         outs = {name: workdir / f"clients-{name}-{n}.json" for name in halves}
         clients = [
             subprocess.Popen(
-                [sys.executable, "-m", "bench.capacity", "--client", name, "--port", str(port), "--first",
-                 str(first), "--count", str(count), "--tokens", str(tokens), "--out", str(outs[name])],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.capacity",
+                    "--client",
+                    name,
+                    "--port",
+                    str(port),
+                    "--first",
+                    str(first),
+                    "--count",
+                    str(count),
+                    "--tokens",
+                    str(tokens),
+                    "--out",
+                    str(outs[name]),
+                ],
                 cwd=Path(__file__).resolve().parent.parent,
             )
             for name, (first, count) in halves.items()
