@@ -143,7 +143,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def one_n(workdir: Path, n: int, tokens: int, interval_ms: int) -> dict[str, Any]:
+def one_n(workdir: Path, n: int, tokens: int, interval_ms: int, profile: Path | None = None) -> dict[str, Any]:
     # Imported here: the client processes need none of it (tests.helpers pulls in the test stack).
     from tests.helpers import Proc, RedisServer, served_models, spawn, spawn_gateway, wait_for, worker_args
 
@@ -192,6 +192,10 @@ def one_n(workdir: Path, n: int, tokens: int, interval_ms: int) -> dict[str, Any
             )
             for name, (first, count) in halves.items()
         ]
+        if profile is not None:  # py-spy (pip install py-spy) on the gateway while the streams run
+            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(gw.pid), "-r", "250"]
+            spy += ["-d", str(int(tokens * TOKEN_DELAY_S)), "-f", "raw", "--nonblocking", "-o", f"{profile}-{n}.txt"]
+            subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # RSS with every stream open: sampled while the clients run, the peak kept
         rss_peak = rss_before
         while any(c.poll() is None for c in clients):
@@ -267,11 +271,13 @@ def summarise(
     }
 
 
-def concurrent_streams(workdir: Path, ns: list[int], tokens: int = 200, interval_ms: int = 20) -> dict[str, Any]:
+def concurrent_streams(
+    workdir: Path, ns: list[int], tokens: int = 200, interval_ms: int = 20, profile: Path | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in ns:
         print(f"[bench] concurrent_streams N={n} …", flush=True)
-        out[str(n)] = one_n(workdir, n, tokens, interval_ms)
+        out[str(n)] = one_n(workdir, n, tokens, interval_ms, profile)
         print(json.dumps(out[str(n)]), flush=True)
     return {"concurrent_streams": out}
 
@@ -281,6 +287,7 @@ def main() -> None:
     parser.add_argument("--n", default="100,300,1000", help="stream counts, comma-separated")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream (200 = 10 s at 20 tokens/s)")
     parser.add_argument("--stream-interval-ms", type=int, default=20, help="the workers' coalescing window")
+    parser.add_argument("--py-spy", type=Path, default=None, help="profile the gateway: raw stacks to PATH-N.txt")
     parser.add_argument("--client", choices=["fastchat", "openai"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -291,7 +298,9 @@ def main() -> None:
         client_main(args.client, args.port, args.first, args.count, args.tokens, args.out)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        found = concurrent_streams(Path(tmp), [int(v) for v in args.n.split(",")], args.tokens, args.stream_interval_ms)
+        found = concurrent_streams(
+            Path(tmp), [int(v) for v in args.n.split(",")], args.tokens, args.stream_interval_ms, args.py_spy
+        )
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged = results.get("concurrent_streams", {}) | found["concurrent_streams"]
     RESULTS.write_text(json.dumps(results | {"concurrent_streams": merged}, indent=2, sort_keys=True))
