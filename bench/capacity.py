@@ -70,11 +70,16 @@ def request_bytes(protocol: str, port: int, k: int, tokens: int) -> bytes:
 def new_text(protocol: str, frame: bytes, seen: int) -> tuple[str, int]:
     """The text a frame adds (FastChat frames carry the whole text so far; SSE frames only the new piece)."""
     if protocol == "fastchat":
-        text = json.loads(frame)["text"]
-        return text[seen:], len(text)
+        chunk = json.loads(frame)
+        if chunk["error_code"]:
+            raise RuntimeError(f"error chunk: {chunk}")
+        return chunk["text"][seen:], len(chunk["text"])
     if not frame.startswith(b"data: {"):
         return "", seen
-    choices = json.loads(frame[6:]).get("choices") or [{}]
+    body = json.loads(frame[6:])
+    if "error" in body:
+        raise RuntimeError(f"error event: {body}")
+    choices = body.get("choices") or [{}]
     piece = choices[0].get("delta", {}).get("content") or ""
     return piece, seen + len(piece)
 
