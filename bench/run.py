@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch, measures, refusals
+from bench import batch, capacity, measures, refusals
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -31,6 +31,16 @@ GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "refusal_rss_growth_mb": ("<= 150 MB", lambda v: v <= 150.0),
     "batch_speedup_vs_one_by_one": (">= 5", lambda v: v >= 5.0),
     "interactive_wait_behind_backlog_over_job_ms": ("<= 1", lambda v: v <= 1.0),
+    **{
+        f"concurrent_streams.{n}.{key}": goal
+        for n in ("100", "300", "1000")
+        for key, goal in (
+            ("efficiency", (">= 0.95", lambda v: v >= 0.95)),
+            ("gateway_cpu_ms_per_1000_events", ("<= 50 ms", lambda v: v <= 50.0)),
+            ("redis_cpu_us_per_event", ("<= 20 us", lambda v: v <= 20.0)),
+        )
+    },
+    "concurrent_streams.1000.added_delay_ms.p99": ("<= 50 ms", lambda v: v <= 50.0),
 }
 
 
@@ -47,6 +57,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--requests", type=int, default=200, help="TTFT pairs")
     parser.add_argument("--only", nargs="*", default=None, help="run only these measures")
+    parser.add_argument(
+        "--streams",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[100, 300, 1000],
+        help="concurrent_streams: stream counts, comma-separated",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,6 +79,7 @@ def main() -> None:
             "refusals": lambda: refusals.refusals(workdir),
             "batch": lambda: batch.throughput(workdir),
             "lanes": lambda: batch.lanes(workdir),
+            "concurrent_streams": lambda: capacity.concurrent_streams(workdir, args.streams),
         }
         results: dict[str, Any] = {}
         for name, step in steps.items():
@@ -72,20 +89,20 @@ def main() -> None:
             results.update(step())
     results["seconds"] = round(time.monotonic() - started, 1)
     results["model"] = str(args.model_path or "tiny random-weight InternVL (output is noise)")
-    if RESULTS.exists():  # keep what other runs wrote (bench.soak's "soak")
-        results = {k: v for k, v in json.loads(RESULTS.read_text()).items() if k == "soak"} | results
+    if RESULTS.exists():  # keep what this run did not measure (bench.soak's "soak", steps left out by --only)
+        results = json.loads(RESULTS.read_text()) | results
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True))
     print_table(results)
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"\n{'figure':34} {'value':>14}  {'goal':>15}  ok")
+    print(f"\n{'figure':56} {'value':>14}  {'goal':>15}  ok")
     for key, (goal, ok) in GOALS.items():
         try:
             value = lookup(results, key)
         except KeyError:
             continue
-        print(f"{key:34} {value:>14.4g}  {goal:>15}  {'yes' if ok(value) else 'NO'}")
+        print(f"{key:56} {value:>14.4g}  {goal:>15}  {'yes' if ok(value) else 'NO'}")
     print(
         f"\nwrote {RESULTS} ({results['seconds']} s); details: {', '.join(sorted(k for k in results if '.' not in k))}"
     )

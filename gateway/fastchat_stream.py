@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from redis.exceptions import RedisError
@@ -18,11 +19,12 @@ async def fastchat_chunks(events: AsyncIterator[Event], job_id: str, echo: str =
     ``GET /jobs/{job_id}/stream?after={seq}``. ``echo`` (FastChat's echo: the prompt) starts every text.
     """
     text = echo
+    frame = _DeltaFrame(echo, job_id)
     try:
         async for event in events:
             if event.type == "delta":
                 text += event.text
-                yield fastchat_chunk(text, 0, job_id=job_id, seq=event.seq)
+                yield frame.add(event.text, event.seq) or fastchat_chunk(text, 0, job_id=job_id, seq=event.seq)
             elif event.type == "done":
                 yield fastchat_chunk(
                     text,
@@ -40,3 +42,28 @@ async def fastchat_chunks(events: AsyncIterator[Event], job_id: str, echo: str =
         yield fastchat_chunk(exc.message, exc.code, job_id=job_id)
     except (RedisError, OSError) as exc:
         yield fastchat_chunk(f"Redis unavailable: {exc}", ErrorCode.INTERNAL_ERROR, job_id=job_id)
+
+
+class _DeltaFrame:
+    """A delta's chunk with the cumulative text escaped once per piece, not re-encoded whole every event.
+
+    JSON escapes each character on its own, so the escaped text is the concatenation of the escaped pieces and
+    the bytes equal ``fastchat_chunk(text, 0, job_id=..., seq=...)``'s. Text ``str.encode`` refuses (a lone
+    surrogate) gives None: the caller falls back to ``fastchat_chunk``, which escapes it.
+    """
+
+    def __init__(self, echo: str, job_id: str) -> None:
+        self._escaped = _escape(echo)
+        self._tail = '", "error_code": 0, "job_id": ' + json.dumps(job_id, ensure_ascii=False) + ', "seq": '
+
+    def add(self, piece: str, seq: int) -> bytes | None:
+        self._escaped += _escape(piece)
+        try:
+            return ('{"text": "' + self._escaped + self._tail + str(seq) + "}\0").encode()
+        except UnicodeEncodeError:
+            return None
+
+
+def _escape(text: str) -> str:
+    """``text`` as the inside of a JSON string literal (``json.dumps(text, ensure_ascii=False)`` unquoted)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]

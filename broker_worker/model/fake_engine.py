@@ -4,6 +4,8 @@ Its text for a job is a function of the job alone, so a resumed job can be check
 Questions starting with a trigger make it misbehave on purpose: ``fail:`` raises a typed JobError (50001),
 ``oom:`` a retryable CUDA OOM, ``crash:`` a plain exception (the worker's catch-all error boundary), and ``eos:``
 ends the answer early with ``finish_reason: "stop"`` as a model that emits its end-of-sequence token does.
+``clock:`` makes every token the wall-clock time it was produced (``@1764000000.123456 ``, fixed width), so a
+benchmark client on the same machine can tell how long each token took to reach it (bench/capacity.py).
 """
 
 from __future__ import annotations
@@ -52,10 +54,13 @@ class FakeEngine:
         if question.startswith("crash:"):
             raise RuntimeError(f"fake engine crashed: {question}")  # untyped, as a bug in an engine would be
         tokens = fake_tokens(job)
+        clock = question.startswith("clock:")
         done, start = 0, 0
         while start < len(tokens) and done + len(tokens[start]) <= len(answer_prefix):
             done += len(tokens[start])
             start += 1
+        if clock:  # timestamps are longer than the plain tokens: a resumed job counts the ones it already sent
+            start = answer_prefix.count(" ")
         deadline = time.perf_counter()
         for token in tokens[start:]:
             if cancel.is_set():
@@ -63,6 +68,6 @@ class FakeEngine:
             if self.token_delay_s:
                 deadline += self.token_delay_s  # fixed rate, not sleep drift
                 time.sleep(max(0.0, deadline - time.perf_counter()))
-            on_delta(token)
+            on_delta(f"@{time.time():.6f} " if clock else token)
         reason: FinishReason = "stop" if question.startswith("eos:") else "length"
         return Finish(reason, Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))
