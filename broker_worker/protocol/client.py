@@ -17,10 +17,11 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
+from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
-from broker_worker.protocol.pubsub import RESYNC, Subscriber
+from broker_worker.protocol.pubsub import RESYNC, subscriber_for
 from broker_worker.protocol.readers import Readers
 
 log = logging.getLogger("broker_worker.protocol.client")
@@ -30,7 +31,7 @@ class AsyncClient:
     def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0) -> None:
         self.redis = redis
         self.store = jobs.JobStore(redis)
-        self.subscriber = Subscriber(redis)
+        self.subscriber = subscriber_for(redis)
         self.readers = Readers(redis)
         self.poll_s = poll_s
         #: Cancel a job whose ``generate`` stream is given up before its end (its caller went away), unless
@@ -223,7 +224,11 @@ class Client:
     def workers(self) -> list[WorkerHealth]:
         """Live workers (fresh health keys), for every model."""
         ids = self.redis.zrangebyscore(c.WORKERS_INDEX, int(time.time() * 1000), "+inf")
-        values = self.redis.mget([c.worker_health_key(str(i)) for i in ids]) if ids else []
+        keys = [c.worker_health_key(str(i)) for i in ids]
+        if not keys:
+            return []
+        # On a cluster each health key lives in its own slot: one MGET per node instead of one for all
+        values = self.redis.mget_nonatomic(keys) if is_cluster(self.redis) else self.redis.mget(keys)  # type: ignore[attr-defined]
         return [WorkerHealth.model_validate_json(v) for v in values if v]
 
     def queue_length(self, model: str) -> int:
