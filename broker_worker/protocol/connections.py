@@ -138,6 +138,7 @@ def async_redis(
         cluster: aioredis.RedisCluster = aioredis.RedisCluster.from_url(
             target.first_node_url, startup_nodes=nodes, **options
         )
+        _closed_transport_is_a_connection_error(cluster)
         return cluster  # type: ignore[return-value]  # every caller uses the commands both clients share
     if not url.startswith(SENTINEL_SCHEME):
         return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
@@ -149,6 +150,36 @@ def async_redis(
         target.service, connection_pool_class=_BlockingSentinelPool, **target.auth(), **options
     )
     return primary
+
+
+class _ClosedTransportMixin:
+    """Under uvloop, a write on a socket its (killed) node closed raises RuntimeError, which the cluster client
+    does not treat as a connection failure: no topology refresh, and callers see an unexpected error. Here it
+    is a ConnectionError, so the client re-reads the slot map and retries on the promoted replica."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise redis.ConnectionError(f"connection closed under a write: {exc}") from exc
+
+
+class _ClusterConnection(_ClosedTransportMixin, aioredis.Connection):
+    pass
+
+
+class _ClusterSSLConnection(_ClosedTransportMixin, aioredis.SSLConnection):
+    pass
+
+
+def _closed_transport_is_a_connection_error(cluster: aioredis.RedisCluster) -> None:
+    manager = cluster.nodes_manager
+    tls = manager.connection_kwargs.get("connection_class") is aioredis.SSLConnection
+    kind = _ClusterSSLConnection if tls else _ClusterConnection
+    manager.connection_kwargs["connection_class"] = kind  # nodes found later
+    for node in manager.startup_nodes.values():
+        node.connection_class = kind
 
 
 class _BlockingSentinelPool(aioredis.BlockingConnectionPool, SentinelConnectionPool):

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from broker_worker.protocol.aio import stop, wait_done
@@ -155,12 +156,15 @@ class Subscriber:
         adds = [channel for channel in self._wanted if channel not in self._sent]
         drops = [channel for channel in self._sent if channel not in self._wanted]
         for command, channels in (("SSUBSCRIBE", adds), ("SUNSUBSCRIBE", drops)):
-            for start in range(0, len(channels), BATCH):
-                batch = channels[start : start + BATCH]
+            for batch in self._batches(channels):
                 if not conn.is_connected:  # never let send_command reconnect silently: the reader owns that
                     raise OSError("pub/sub connection closed")
                 self._note_sent(command, batch)
                 await conn.send_command(command, *batch, check_health=False)
+
+    def _batches(self, channels: list[str]) -> Iterator[list[str]]:
+        for start in range(0, len(channels), BATCH):
+            yield channels[start : start + BATCH]
 
     def _note_sent(self, command: str, channels: list[str]) -> None:
         for channel in channels:
@@ -297,6 +301,16 @@ class _NodeSubscriber(Subscriber):
         if self._wanted.pop(channel, None) is not None:
             self._resync.discard(channel)
             self._changed.set()
+
+    def _batches(self, channels: list[str]) -> Iterator[list[str]]:
+        """A cluster node takes several shard channels in one command only when they share a slot (CROSSSLOT
+        otherwise); each job's channel has a slot of its own, so this is mostly one command per channel (sent
+        back to back, without waiting for the replies)."""
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        for group in by_slot.values():
+            yield from super()._batches(group)
 
     async def _new_connection(self) -> Any:
         connection = self.node.connection_class(**self.node.connection_kwargs)
