@@ -133,10 +133,10 @@ def async_redis(
     if is_cluster_url(url):
         # The cluster client's bound is per node and it has no pool wait: max_connections is kept, the wait not.
         del options["timeout"]
-        target = parse_cluster_url(url)
-        nodes = [aioredis.cluster.ClusterNode(host, port) for host, port in target.others]
+        cluster_target = parse_cluster_url(url)
+        nodes = [aioredis.cluster.ClusterNode(host, port) for host, port in cluster_target.others]
         cluster: aioredis.RedisCluster = aioredis.RedisCluster.from_url(
-            target.first_node_url, startup_nodes=nodes, **options
+            cluster_target.first_node_url, startup_nodes=nodes, **options
         )
         _closed_transport_is_a_connection_error(cluster)
         return cluster  # type: ignore[return-value]  # every caller uses the commands both clients share
@@ -200,9 +200,10 @@ def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> red
     if is_cluster_url(url):
         from redis.cluster import ClusterNode
 
-        target = parse_cluster_url(url)
+        cluster_target = parse_cluster_url(url)
+        startup = [ClusterNode(h, p) for h, p in cluster_target.others]  # type: ignore[no-untyped-call]
         cluster: redis.RedisCluster = redis.RedisCluster.from_url(
-            target.first_node_url, startup_nodes=[ClusterNode(h, p) for h, p in target.others], **options
+            cluster_target.first_node_url, startup_nodes=startup, **options
         )
         return cluster  # type: ignore[return-value]  # every caller uses the commands both clients share
     if not url.startswith(SENTINEL_SCHEME):

@@ -104,7 +104,8 @@ class JobStore:
         acks without running it (the start script decides), so the caller may simply stream the id's events.
         """
         k = JobKeys.of(job.id)
-        mark_args, enqueue_args = [c.JOB_TTL_S], [job.model_dump_json(), max_queue]
+        mark_args: list[str | int] = [c.JOB_TTL_S]
+        enqueue_args: list[str | int] = [job.model_dump_json(), max_queue]
         if is_cluster(self.redis):
             # The job's keys and the model's stream are in different slots (maybe nodes), and a cluster pipeline
             # does not reload a script a node lacks (a promoted replica): two calls, in parallel.

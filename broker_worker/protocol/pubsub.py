@@ -160,7 +160,10 @@ class Subscriber:
                 if not conn.is_connected:  # never let send_command reconnect silently: the reader owns that
                     raise OSError("pub/sub connection closed")
                 self._note_sent(command, batch)
-                await conn.send_command(command, *batch, check_health=False)
+                try:
+                    await conn.send_command(command, *batch, check_health=False)
+                except (AttributeError, RuntimeError) as exc:  # closed under the write (no writer; uvloop)
+                    raise OSError(f"pub/sub connection closed: {exc}") from exc
 
     def _batches(self, channels: list[str]) -> Iterator[list[str]]:
         for start in range(0, len(channels), BATCH):
@@ -192,7 +195,7 @@ class Subscriber:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             await self._before_reconnect()
-            while not self._wanted:  # every channel moved to another node: nothing to connect for
+            while not self._wanted:  # every channel moved to another node: nothing to connect for  # noqa: ASYNC110
                 await asyncio.sleep(MAX_BACKOFF_S)
 
     async def _before_reconnect(self) -> None:
@@ -314,7 +317,7 @@ class _NodeSubscriber(Subscriber):
 
     async def _new_connection(self) -> Any:
         connection = self.node.connection_class(**self.node.connection_kwargs)
-        await connection.connect()
+        await connection.connect()  # type: ignore[no-untyped-call]
         return connection
 
     async def _before_reconnect(self) -> None:
