@@ -157,6 +157,10 @@ def test_gateway_and_two_workers_serve_through_a_cluster_url(
         assert admin.xlen(c.job_stream("fake")) == 0
         workers = admin.zrangebyscore(c.WORKERS_INDEX, int(time.time() * 1000), "+inf")
         assert len(workers) == 2
+        # every event went out with SPUBLISH on its job's node; a PUBLISH would be broadcast to every node
+        stats = [cluster.node(p).info("commandstats") for p in cluster.live()]
+        assert sum(s.get("cmdstat_spublish", {}).get("calls", 0) for s in stats) >= 8 * 3
+        assert [s["cmdstat_publish"] for s in stats if "cmdstat_publish" in s] == []
     finally:
         admin.close()
 
