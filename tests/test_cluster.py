@@ -21,9 +21,12 @@ import redis
 from redis.cluster import RedisCluster
 
 from broker_worker.protocol import constants as c
+from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.messages import Delta, Job
 from broker_worker.protocol.pubsub import ClusterSubscriber
-from tests.helpers import BIN, Proc, free_port, served_models, spawn, spawn_gateway, wait_for, worker_args
+from tests.helpers import BIN, Proc, RedisServer, free_port, served_models, spawn, spawn_gateway, wait_for, worker_args
 from tests.test_reliability import consistent, expected
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli builds the cluster")
@@ -273,3 +276,40 @@ def test_killing_the_master_of_the_job_stream_under_20_streams(
     wait_for(new_request_ok, 30, "a new request to succeed after the failover", step=0.5)
     status, chunks = stream(base, "after the failover", 10)
     assert chunks[-1]["text"] == expected("after the failover", 10)
+
+
+#: What a failover that lost the last unreplicated writes leaves: the replay record and the state's seq a few
+#: events back, while the job's worker goes on (it numbers its next events from the older seq).
+LOSE_LAST_EVENTS = """
+local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])
+for _, entry in ipairs(entries) do redis.call('XDEL', KEYS[2], entry[1]) end
+redis.call('HINCRBY', KEYS[1], 'seq', -#entries)
+return #entries
+"""
+
+
+PROMPT = [{"role": "user", "content": "go on"}]
+
+
+async def test_a_replay_record_that_goes_back_ends_the_stream_with_a_typed_error(
+    redis_server: RedisServer,
+    r: redis.Redis,
+    start_worker,  # type: ignore[no-untyped-def]
+) -> None:
+    start_worker(delay=0.05)
+    client = AsyncClient(async_redis(redis_server.url))
+    job = Job.model_validate({"id": "rewound", "model": "fake", "max_new_tokens": 400, "prompt": PROMPT})
+    texts: list[str] = []
+    try:
+        with pytest.raises(JobError) as caught:
+            async for event in client.generate(job):
+                if isinstance(event, Delta):
+                    texts.append(event.text)
+                if len(texts) == 10:
+                    keys = [c.job_state_key("rewound"), c.job_events_key("rewound")]
+                    assert r.eval(LOSE_LAST_EVENTS, 2, *keys, 5) == 5  # the fault really hit
+    finally:
+        await client.close()
+    assert caught.value.code == ErrorCode.INTERNAL_ERROR
+    assert "job rewound lost in a Redis failover: its replay record went back" in caught.value.message
+    assert len(texts) >= 10 and "".join(texts) == expected("go on", 400)[: len("".join(texts))]

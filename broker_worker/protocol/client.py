@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 
 import redis
@@ -103,41 +104,48 @@ class AsyncClient:
         start_timeout_s: float | None = None,
         idle_timeout_s: float | None = None,
     ) -> AsyncIterator[Event]:
-        last, started = after_seq, time.monotonic()
+        delivered, started = Delivered(job_id, after_seq), time.monotonic()
         last_event_at = started
-        pending = await jobs.replay(self.redis, job_id, last)
+        pending = await jobs.replay(self.redis, job_id, after_seq)
         while True:
             for event in pending:
-                if event.seq != last + 1:
+                if event.seq <= delivered.last:
+                    delivered.check_again(event)  # a duplicate is fine; the same seq with other content is not
+                    continue
+                if event.seq != delivered.last + 1:
                     break  # a gap: the replay below fills it
-                last, last_event_at = event.seq, time.monotonic()
+                delivered.add(event)
+                last_event_at = time.monotonic()
                 yield event
                 if is_terminal(event):
                     return
-            _check_timeouts(job_id, last - after_seq, started, last_event_at, start_timeout_s, idle_timeout_s)
-            pending = await self._next(job_id, queue, last)
+            received = delivered.last - after_seq
+            _check_timeouts(job_id, received, started, last_event_at, start_timeout_s, idle_timeout_s)
+            pending = await self._next(job_id, queue, delivered)
 
-    async def _next(self, job_id: str, queue: asyncio.Queue[str], last: int) -> list[Event]:
+    async def _next(self, job_id: str, queue: asyncio.Queue[str], delivered: Delivered) -> list[Event]:
         try:
             raw = await asyncio.wait_for(queue.get(), self.poll_s)
         except TimeoutError:
-            return await self._recheck(job_id, last)
+            return await self._recheck(job_id, delivered)
         if raw == RESYNC:
-            return await self._recheck(job_id, last)
+            return await self._recheck(job_id, delivered)
         event = parse_event(raw)
-        if event.seq > last + 1:
-            return await self._recheck(job_id, last)
+        if event.seq > delivered.last + 1:
+            return await self._recheck(job_id, delivered)
         return [event]
 
-    async def _recheck(self, job_id: str, last: int) -> list[Event]:
-        """After a quiet spell, a gap or a reconnect: read the replay; notice a job Redis no longer has."""
+    async def _recheck(self, job_id: str, delivered: Delivered) -> list[Event]:
+        """After a quiet spell, a gap or a reconnect: read the replay (from the last event delivered, to check that
+        Redis still has it); notice a job Redis no longer has."""
         try:
-            events = await jobs.replay(self.redis, job_id, last)
+            events = await jobs.replay(self.redis, job_id, max(0, delivered.last - 1))
             if not events and not await jobs.exists(self.redis, job_id):
                 raise JobError(
                     ErrorCode.INTERNAL_ERROR,
                     f"job {job_id} is gone from Redis (restarted without persistence?); submit it again",
                 )
+            delivered.check_replay(events)
             return events
         except (RedisError, OSError) as exc:
             log.warning("job %s: replay read failed (%s); will retry", job_id, exc)
@@ -160,6 +168,47 @@ class AsyncClient:
         await self.readers.close()
         await self.subscriber.close()
         await self.redis.aclose()
+
+
+class Delivered:
+    """What one reader has delivered so far, to notice a replay record that went back or was rewritten: a Redis
+    failover can lose the last writes a replica had not received yet, and the job's worker then numbers its next
+    events from the older seq. Text already sent must never be contradicted: such a stream ends with a typed
+    error naming the job."""
+
+    KEEP = 256  # recent events kept for comparison (duplicates arrive only within a replay read's window)
+
+    def __init__(self, job_id: str, after_seq: int) -> None:
+        self.job_id = job_id
+        self.after_seq = after_seq
+        self.last = after_seq
+        self._recent: OrderedDict[int, Event] = OrderedDict()
+
+    def add(self, event: Event) -> None:
+        self.last = event.seq
+        self._recent[event.seq] = event
+        if len(self._recent) > self.KEEP:
+            self._recent.popitem(last=False)
+
+    def check_again(self, event: Event) -> None:
+        """``event`` has a seq already delivered: it must be the same event."""
+        known = self._recent.get(event.seq)
+        if known is not None and known != event:
+            raise self._lost(f"seq {event.seq} came back with other content")
+
+    def check_replay(self, events: list[Event]) -> None:
+        """``events``: the replay from seq ``last`` on; it must still hold the last event delivered."""
+        if self.last == self.after_seq or self.last not in self._recent:
+            return
+        if not events or events[0].seq != self.last:  # the record is trimmed from its front only: never here
+            raise self._lost(f"seq {self.last} was delivered, Redis no longer has it")
+        self.check_again(events[0])
+
+    def _lost(self, detail: str) -> JobError:
+        return JobError(
+            ErrorCode.INTERNAL_ERROR,
+            f"job {self.job_id} lost in a Redis failover: its replay record went back ({detail}); submit it again",
+        )
 
 
 def _check_timeouts(
