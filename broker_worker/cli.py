@@ -10,7 +10,7 @@ import sys
 
 from broker_worker import settings_cli
 from broker_worker.model.engine import Engine
-from broker_worker.protocol.connections import async_redis, redact
+from broker_worker.protocol.connections import async_redis, plain_url_problem, redact
 from broker_worker.settings import RedisSettings, WorkerSettings
 
 log = logging.getLogger("broker_worker.cli")
@@ -76,6 +76,8 @@ def run(settings: WorkerSettings) -> int:
 
     configure(settings.log_level, settings.log_format)
     log.info("connecting to %s", redact(settings.redis_url))
+    if problem := plain_url_problem(settings.redis_url):  # before the model loads: fail in seconds, not minutes
+        raise SystemExit(f"broker-worker: {problem}")
     engine = build_engine(settings)
     try:
         import uvloop
@@ -102,6 +104,9 @@ async def _serve(settings: WorkerSettings, engine: Engine) -> int:
 async def check_alive(redis_url: str, model: str | None) -> int:
     from broker_worker.protocol import health
 
+    if problem := plain_url_problem(redis_url):
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
     redis = async_redis(redis_url)
     try:
         workers = await health.live_workers(redis)

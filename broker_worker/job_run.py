@@ -21,6 +21,7 @@ from broker_worker.job_queue import Entry
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems
+from broker_worker.protocol.image_refs import resolve_images
 from broker_worker.protocol.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
 from broker_worker.protocol.messages import Cancelled, Done, Event, Failed, Job, Started, Usage, now_ms
 from broker_worker.protocol.states import StopReason
@@ -138,6 +139,7 @@ class JobRunner:
             await self._conclude(run, finish, started)
 
     async def _produce(self, run: Running, prefix: str, resumed: bool) -> Finish:
+        run.job = await resolve_images(self.store.redis, run.job)  # images by reference (40001 when missing)
         if run.job.count_only:
             return await self._count(run.job)
         interval = self.settings.stream_interval_ms / 1000

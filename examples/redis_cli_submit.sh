@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Submit a text-only job with redis-cli alone and print the generated text as it arrives.
 #   examples/redis_cli_submit.sh REDIS_URL MODEL PROMPT [JOB_ID]
+# REDIS_URL may be redis://, rediss:// or a cluster's redis+cluster://host:port[,host:port...] (redis-cli -c).
+# It reads the job's replay stream with XREAD (no pub/sub), so it works the same on one Redis and on a cluster.
 # Exit status: 0 done, 1 failed (the reason goes to stderr), 2 cancelled, 3 timed out.
 # Environment: MAX_NEW_TOKENS (default 64), TIMEOUT_S (default 300).
 set -euo pipefail
@@ -10,6 +12,19 @@ job_id=${4:-cli-$(date +%s%N)-$$}
 max_new_tokens=${MAX_NEW_TOKENS:-64}
 timeout_s=${TIMEOUT_S:-300}
 cli() { redis-cli --no-auth-warning -u "$url" "$@"; }
+case $url in
+  redis+cluster://* | rediss+cluster://*)
+    # A Redis Cluster: redis-cli -c follows MOVED replies from the first listed node to the one serving each key.
+    rest=${url#*://}; rest=${rest%%[/?]*}
+    creds=""; [[ $rest == *@* ]] && { creds=${rest%@*}; rest=${rest##*@}; }
+    first=${rest%%,*}; host=${first%:*}; port=${first##*:}
+    cluster_args=(-c -h "$host" -p "$port")
+    [[ $url == rediss+* ]] && cluster_args+=(--tls)
+    if [ -n "$creds" ]; then
+      if [[ $creds == *:* ]]; then cluster_args+=(--user "${creds%%:*}" --pass "${creds#*:}"); else cluster_args+=(--pass "$creds"); fi
+    fi
+    cli() { redis-cli --no-auth-warning "${cluster_args[@]}" "$@"; } ;;
+esac
 
 json_escape() {  # enough JSON escaping for a prompt typed on a command line
   local s=${1//\\/\\\\}

@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from broker_worker import settings_cli
-from broker_worker.protocol.connections import redact
+from broker_worker.protocol.connections import plain_url_problem, redact
 from gateway.deadlines import deadline_protocol
 from gateway.settings import GatewaySettings
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         redact(settings.redis_url),
         redact(settings.controller_address or "none"),
     )
+    if problem := plain_url_problem(settings.redis_url):  # one clear line, not a lifespan traceback
+        raise SystemExit(f"broker-gateway: {problem}")
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.image_refs import store_images
 from broker_worker.protocol.messages import Event, Failed, Job, Usage, WorkerHealth
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
@@ -92,6 +93,7 @@ class GatewayService:
         before any response starts; return its events. A client that goes away cancels the job unless another
         reader still wants it (``AsyncClient.start``). The stream ends with a terminal event or JobError."""
         try:
+            job = await store_images(self.client.redis, job)  # each image once in Redis; the job carries references
             events = await self.client.start(job, self.settings.max_queue, **self._timeouts())
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc

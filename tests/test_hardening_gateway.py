@@ -435,7 +435,7 @@ def test_immediate_hang_ups_leak_no_subscription(start_worker, start_gateway, r:
     for k in range(300):
         hang_up(raw_request(port_of(base), payload(f"gone {k}", 200)))
     gateway.wait_log("cancelled: its client went away")  # the hang-ups reached streams, not just the socket
-    wait_for(lambda: r.execute_command("PUBSUB", "CHANNELS", "ivl:job:*") == [], 30, "no channel subscribed")
+    wait_for(lambda: r.execute_command("PUBSUB", "SHARDCHANNELS", "ivl:job:*") == [], 30, "no channel subscribed")
     wait_for(lambda: gauge(base, "gateway_pubsub_channels") == 0, 30, "the gateway to hold no subscription")
     wait_for(lambda: gauge(base, "gateway_job_readers") == 0, 30, "the gateway to hold no reader")
     assert r.keys("ivl:job:*:readers") == []
@@ -471,7 +471,7 @@ async def test_racing_opens_and_closes_of_one_channel_end_consistent(redis_serve
             subscription.close()
         assert await keeper.confirmed()
         await _settled(subscriber, r, expect=1)
-        r.publish("ivl:job:{race}:chan", "hello")
+        r.spublish("ivl:job:{race}:chan", "hello")
         assert await asyncio.wait_for(keeper.queue.get(), 10) == "hello"
         keeper.close()
         await _settled(subscriber, r, expect=0)
@@ -482,7 +482,7 @@ async def test_racing_opens_and_closes_of_one_channel_end_consistent(redis_serve
 
 async def _settled(subscriber: Subscriber, r: redis.Redis, expect: int) -> None:
     for _ in range(400):
-        numsub = r.execute_command("PUBSUB", "NUMSUB", "ivl:job:{race}:chan")[1]
+        numsub = r.execute_command("PUBSUB", "SHARDNUMSUB", "ivl:job:{race}:chan")[1]
         if numsub == expect and subscriber.settled:
             return
         await asyncio.sleep(0.025)
@@ -551,8 +551,8 @@ async def test_every_channel_is_resubscribed_and_confirmed_after_an_outage(
             assert await subscription.confirmed()
         assert subscriber.reconnects >= 1
         admin = server.client()
-        assert admin.execute_command("PUBSUB", "NUMSUB", *(s.channel for s in subscriptions))[1::2] == [1] * 20
-        admin.publish(subscriptions[7].channel, "live again")
+        assert admin.execute_command("PUBSUB", "SHARDNUMSUB", *(s.channel for s in subscriptions))[1::2] == [1] * 20
+        admin.spublish(subscriptions[7].channel, "live again")
         assert await asyncio.wait_for(subscriptions[7].queue.get(), 10) == "live again"
     finally:
         await subscriber.close()
@@ -578,7 +578,7 @@ def test_stream_in_flight_gets_live_events_again_after_an_outage(tmp_path: Path,
             gateway.wait_log("pub/sub connection lost")
             server.start()
             wait_for(
-                lambda: admin.execute_command("PUBSUB", "NUMSUB", "ivl:job:{outage-1}:chan")[1] == 1,
+                lambda: admin.execute_command("PUBSUB", "SHARDNUMSUB", "ivl:job:{outage-1}:chan")[1] == 1,
                 30,
                 "re-subscribed",
             )

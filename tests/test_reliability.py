@@ -305,8 +305,8 @@ def test_pubsub_connection_killed_mid_stream_loses_nothing(  # type: ignore[no-u
 
 
 def pubsub_clients(r: redis.Redis) -> list[str]:
-    """Ids of the connections subscribed to a channel (the gateway's pub/sub connection)."""
-    return [c["id"] for c in r.client_list(_type="pubsub") if int(c["sub"]) > 0]
+    """Ids of the connections subscribed to a shard channel (the gateway's pub/sub connection)."""
+    return [c["id"] for c in r.client_list(_type="pubsub") if int(c["ssub"]) > 0]
 
 
 def deltas_so_far(r: redis.Redis) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 
 import redis
@@ -17,10 +18,11 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
+from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
-from broker_worker.protocol.pubsub import RESYNC, Subscriber
+from broker_worker.protocol.pubsub import RESYNC, subscriber_for
 from broker_worker.protocol.readers import Readers
 
 log = logging.getLogger("broker_worker.protocol.client")
@@ -30,7 +32,7 @@ class AsyncClient:
     def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0) -> None:
         self.redis = redis
         self.store = jobs.JobStore(redis)
-        self.subscriber = Subscriber(redis)
+        self.subscriber = subscriber_for(redis)
         self.readers = Readers(redis)
         self.poll_s = poll_s
         #: Cancel a job whose ``generate`` stream is given up before its end (its caller went away), unless
@@ -102,21 +104,26 @@ class AsyncClient:
         start_timeout_s: float | None = None,
         idle_timeout_s: float | None = None,
     ) -> AsyncIterator[Event]:
-        last, started = after_seq, time.monotonic()
+        delivered, started = Delivered(job_id, after_seq), time.monotonic()
         last_event_at = started
-        pending = await jobs.replay(self.redis, job_id, last)
+        pending = await jobs.replay(self.redis, job_id, after_seq)
         while True:
             for event in pending:
-                if event.seq != last + 1:
+                if event.seq <= delivered.last:
+                    delivered.check_again(event)  # a duplicate is fine; the same seq with other content is not
+                    continue
+                if event.seq != delivered.last + 1:
                     break  # a gap: the replay below fills it
-                last, last_event_at = event.seq, time.monotonic()
+                delivered.add(event)
+                last_event_at = time.monotonic()
                 yield event
                 if is_terminal(event):
                     return
-            _check_timeouts(job_id, last - after_seq, started, last_event_at, start_timeout_s, idle_timeout_s)
-            pending = await self._next(job_id, queue, last)
+            received = delivered.last - after_seq
+            _check_timeouts(job_id, received, started, last_event_at, start_timeout_s, idle_timeout_s)
+            pending = await self._next(job_id, queue, delivered)
 
-    async def _next(self, job_id: str, queue: asyncio.Queue[str], last: int) -> list[Event]:
+    async def _next(self, job_id: str, queue: asyncio.Queue[str], delivered: Delivered) -> list[Event]:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every get in a new Task, which was a
         # measurable share of the gateway's CPU per relayed event (bench/capacity.py).
         try:
@@ -126,23 +133,25 @@ class AsyncClient:
             else:
                 raw = queue.get_nowait()
         except TimeoutError:
-            return await self._recheck(job_id, last)
+            return await self._recheck(job_id, delivered)
         if raw == RESYNC:
-            return await self._recheck(job_id, last)
+            return await self._recheck(job_id, delivered)
         event = parse_event(raw)
-        if event.seq > last + 1:
-            return await self._recheck(job_id, last)
+        if event.seq > delivered.last + 1:
+            return await self._recheck(job_id, delivered)
         return [event]
 
-    async def _recheck(self, job_id: str, last: int) -> list[Event]:
-        """After a quiet spell, a gap or a reconnect: read the replay; notice a job Redis no longer has."""
+    async def _recheck(self, job_id: str, delivered: Delivered) -> list[Event]:
+        """After a quiet spell, a gap or a reconnect: read the replay (from the last event delivered, to check that
+        Redis still has it); notice a job Redis no longer has."""
         try:
-            events = await jobs.replay(self.redis, job_id, last)
+            events = await jobs.replay(self.redis, job_id, max(0, delivered.last - 1))
             if not events and not await jobs.exists(self.redis, job_id):
                 raise JobError(
                     ErrorCode.INTERNAL_ERROR,
                     f"job {job_id} is gone from Redis (restarted without persistence?); submit it again",
                 )
+            delivered.check_replay(events)
             return events
         except (RedisError, OSError) as exc:
             log.warning("job %s: replay read failed (%s); will retry", job_id, exc)
@@ -165,6 +174,47 @@ class AsyncClient:
         await self.readers.close()
         await self.subscriber.close()
         await self.redis.aclose()
+
+
+class Delivered:
+    """What one reader has delivered so far, to notice a replay record that went back or was rewritten: a Redis
+    failover can lose the last writes a replica had not received yet, and the job's worker then numbers its next
+    events from the older seq. Text already sent must never be contradicted: such a stream ends with a typed
+    error naming the job."""
+
+    KEEP = 256  # recent events kept for comparison (duplicates arrive only within a replay read's window)
+
+    def __init__(self, job_id: str, after_seq: int) -> None:
+        self.job_id = job_id
+        self.after_seq = after_seq
+        self.last = after_seq
+        self._recent: OrderedDict[int, Event] = OrderedDict()
+
+    def add(self, event: Event) -> None:
+        self.last = event.seq
+        self._recent[event.seq] = event
+        if len(self._recent) > self.KEEP:
+            self._recent.popitem(last=False)
+
+    def check_again(self, event: Event) -> None:
+        """``event`` has a seq already delivered: it must be the same event."""
+        known = self._recent.get(event.seq)
+        if known is not None and known != event:
+            raise self._lost(f"seq {event.seq} came back with other content")
+
+    def check_replay(self, events: list[Event]) -> None:
+        """``events``: the replay from seq ``last`` on; it must still hold the last event delivered."""
+        if self.last == self.after_seq or self.last not in self._recent:
+            return
+        if not events or events[0].seq != self.last:  # the record is trimmed from its front only: never here
+            raise self._lost(f"seq {self.last} was delivered, Redis no longer has it")
+        self.check_again(events[0])
+
+    def _lost(self, detail: str) -> JobError:
+        return JobError(
+            ErrorCode.INTERNAL_ERROR,
+            f"job {self.job_id} lost in a Redis failover: its replay record went back ({detail}); submit it again",
+        )
 
 
 def _check_timeouts(
@@ -229,7 +279,11 @@ class Client:
     def workers(self) -> list[WorkerHealth]:
         """Live workers (fresh health keys), for every model."""
         ids = self.redis.zrangebyscore(c.WORKERS_INDEX, int(time.time() * 1000), "+inf")
-        values = self.redis.mget([c.worker_health_key(str(i)) for i in ids]) if ids else []
+        keys = [c.worker_health_key(str(i)) for i in ids]
+        if not keys:
+            return []
+        # On a cluster each health key lives in its own slot: one MGET per node instead of one for all
+        values = self.redis.mget_nonatomic(keys) if is_cluster(self.redis) else self.redis.mget(keys)  # type: ignore[attr-defined]
         return [WorkerHealth.model_validate_json(v) for v in values if v]
 
     def queue_length(self, model: str) -> int:

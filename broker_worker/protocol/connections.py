@@ -1,6 +1,10 @@
 """Redis connections from a URL: ``redis://``, ``rediss://`` (TLS), AUTH/ACL ``user:password@`` in the URL, and
 ``redis+sentinel://[user:password@]host:26379,host2:26379/<service>/<db>`` for a Sentinel-managed primary
-(every new connection asks the sentinels where the primary is, so a failover is followed).
+(every new connection asks the sentinels where the primary is, so a failover is followed), and
+``redis+cluster://[user:password@]host:port[,host:port…][/?options]`` (``rediss+cluster://`` for TLS) for a Redis
+Cluster: redis-py's cluster clients, which follow ``MOVED``/``ASK``, slot migrations and a replica's promotion.
+A plain URL that reaches a cluster node is refused at start-up (``plain_url_problem``): commands on keys of other
+nodes' slots would fail one by one.
 
 Connections retry transient errors briefly and check their health, so a Redis restart is survived by the next
 command instead of by a process restart.
@@ -41,6 +45,45 @@ def _options(socket_timeout: float | None, retry: Any) -> dict[str, Any]:
 
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Clients the connection functions return: one Redis (or a Sentinel-managed primary) or a Redis Cluster.
+AsyncRedis = aioredis.Redis | aioredis.RedisCluster
+SyncRedis = redis.Redis | redis.RedisCluster
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def is_cluster(client: object) -> bool:
+    """Whether a client (sync or asyncio) talks to a Redis Cluster."""
+    return isinstance(client, aioredis.RedisCluster | redis.RedisCluster)
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A cluster URL as redis-py takes it: a plain URL of the first node (credentials, TLS, query options) and
+    the other startup nodes."""
+
+    first_node_url: str
+    others: list[tuple[str, int]]
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    scheme, _, rest = url.partition("://")
+    query_at = min((i for i in (rest.find("?"), rest.find("/")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:query_at], rest[query_at:]
+    credentials, at, hosts = netloc.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "6379")
+        if not name or not port.isdigit():
+            raise ValueError(f"{redact(url)}: a cluster URL lists host:port nodes: redis+cluster://h1:6379,h2:6379")
+        nodes.append((name, int(port)))
+    query = tail.partition("?")[2]  # the path (a database number) means nothing on a cluster: only db 0 exists
+    plain = "rediss" if scheme.lower().startswith("rediss") else "redis"
+    first = f"{plain}://{credentials}{at}{nodes[0][0]}:{nodes[0][1]}" + (f"/?{query}" if query else "")
+    return ClusterTarget(first, nodes[1:])
 
 
 @dataclass(frozen=True)
@@ -87,6 +130,16 @@ def async_redis(
 
     options = _options(socket_timeout, AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3))
     options |= {"max_connections": max_connections, "timeout": pool_timeout_s, "encoding_errors": encoding_errors}
+    if is_cluster_url(url):
+        # The cluster client's bound is per node and it has no pool wait: max_connections is kept, the wait not.
+        del options["timeout"]
+        cluster_target = parse_cluster_url(url)
+        nodes = [aioredis.cluster.ClusterNode(host, port) for host, port in cluster_target.others]
+        cluster: aioredis.RedisCluster = aioredis.RedisCluster.from_url(
+            cluster_target.first_node_url, startup_nodes=nodes, **options
+        )
+        _closed_transport_is_a_connection_error(cluster)
+        return cluster  # type: ignore[return-value]  # every caller uses the commands both clients share
     if not url.startswith(SENTINEL_SCHEME):
         return aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, **options))
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
@@ -97,6 +150,36 @@ def async_redis(
         target.service, connection_pool_class=_BlockingSentinelPool, **target.auth(), **options
     )
     return primary
+
+
+class _ClosedTransportMixin:
+    """Under uvloop, a write on a socket its (killed) node closed raises RuntimeError, which the cluster client
+    does not treat as a connection failure: no topology refresh, and callers see an unexpected error. Here it
+    is a ConnectionError, so the client re-reads the slot map and retries on the promoted replica."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise redis.ConnectionError(f"connection closed under a write: {exc}") from exc
+
+
+class _ClusterConnection(_ClosedTransportMixin, aioredis.Connection):
+    pass
+
+
+class _ClusterSSLConnection(_ClosedTransportMixin, aioredis.SSLConnection):
+    pass
+
+
+def _closed_transport_is_a_connection_error(cluster: aioredis.RedisCluster) -> None:
+    manager = cluster.nodes_manager
+    tls = manager.connection_kwargs.get("connection_class") is aioredis.SSLConnection
+    kind = _ClusterSSLConnection if tls else _ClusterConnection
+    manager.connection_kwargs["connection_class"] = kind  # nodes found later
+    for node in manager.startup_nodes.values():
+        node.connection_class = kind
 
 
 class _BlockingSentinelPool(aioredis.BlockingConnectionPool, SentinelConnectionPool):
@@ -114,6 +197,15 @@ class _BlockingSentinelPool(aioredis.BlockingConnectionPool, SentinelConnectionP
 
 def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> redis.Redis:
     options = _options(socket_timeout, Retry(ExponentialBackoff(cap=1.0, base=0.05), 3))
+    if is_cluster_url(url):
+        from redis.cluster import ClusterNode
+
+        cluster_target = parse_cluster_url(url)
+        startup = [ClusterNode(h, p) for h, p in cluster_target.others]  # type: ignore[no-untyped-call]
+        cluster: redis.RedisCluster = redis.RedisCluster.from_url(
+            cluster_target.first_node_url, startup_nodes=startup, **options
+        )
+        return cluster  # type: ignore[return-value]  # every caller uses the commands both clients share
     if not url.startswith(SENTINEL_SCHEME):
         return redis.Redis.from_url(url, **options)
     from redis.sentinel import Sentinel
@@ -122,6 +214,27 @@ def sync_redis(url: str, socket_timeout: float | None = SOCKET_TIMEOUT_S) -> red
     sentinel = Sentinel(target.sentinels, socket_timeout=socket_timeout)  # type: ignore[no-untyped-call]
     primary: redis.Redis = sentinel.master_for(target.service, **target.auth(), **options)  # type: ignore[no-untyped-call]
     return primary
+
+
+def plain_url_problem(url: str) -> str | None:
+    """One line saying why ``url`` must not be used, when it is a plain URL that reaches a Redis Cluster node
+    (``INFO cluster`` says ``cluster_enabled:1``); else None. A Redis that cannot be reached now is not a problem
+    here: the usual reconnecting reports that."""
+    if is_cluster_url(url) or url.startswith(SENTINEL_SCHEME):
+        return None
+    client = sync_redis(url, socket_timeout=5.0)
+    try:
+        info = client.info("cluster")
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+    if str(info.get("cluster_enabled", "0")) != "1":
+        return None
+    return (
+        f"{redact(url)} reaches a Redis Cluster node: use redis+cluster://host:port[,host:port...] "
+        "(rediss+cluster:// for TLS) so that every node's keys are reached"
+    )
 
 
 def redact(url: str) -> str:

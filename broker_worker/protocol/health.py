@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from broker_worker.protocol import constants as c
+from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.messages import WorkerHealth, now_ms
 
 
@@ -30,7 +31,9 @@ async def live_workers(redis: aioredis.Redis) -> list[WorkerHealth]:
     ids: list[str] = list(await redis.zrangebyscore(c.WORKERS_INDEX, now, "+inf"))  # type: ignore[arg-type]
     if not ids:
         return []
-    values = await redis.mget([c.worker_health_key(i) for i in ids])
+    keys = [c.worker_health_key(i) for i in ids]
+    # On a cluster each health key lives in its own slot: one MGET per node instead of one for all
+    values = await (redis.mget_nonatomic(keys) if is_cluster(redis) else redis.mget(keys))  # type: ignore[attr-defined]
     return [WorkerHealth.model_validate_json(v) for v in values if v]
 
 

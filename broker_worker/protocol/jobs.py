@@ -4,6 +4,7 @@ script over the stream of the model's lane (admission and XADD in one step)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker_worker.protocol import constants as c
+from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
@@ -103,11 +105,20 @@ class JobStore:
         decides), so the caller may simply stream the id's events.
         """
         k = JobKeys.of(job.id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
-            stream = c.job_stream(job.model, job.priority)
-            await self._enqueue(keys=[stream], args=[job.model_dump_json(), max_queue], client=pipe)
-            marked, entry = await pipe.execute()
+        mark_args: list[str | int] = [c.JOB_TTL_S]
+        enqueue_args: list[str | int] = [job.model_dump_json(), max_queue]
+        if is_cluster(self.redis):
+            # The job's keys and the model's stream are in different slots (maybe nodes), and a cluster pipeline
+            # does not reload a script a node lacks (a promoted replica): two calls, in parallel.
+            marked, entry = await asyncio.gather(
+                self._mark_queued(keys=[k.state, k.events], args=mark_args),
+                self._enqueue(keys=[c.job_stream(job.model, job.priority)], args=enqueue_args),
+            )
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._mark_queued(keys=[k.state, k.events], args=mark_args, client=pipe)
+                await self._enqueue(keys=[c.job_stream(job.model, job.priority)], args=enqueue_args, client=pipe)
+                marked, entry = await pipe.execute()
         if isinstance(entry, list):  # ['full', depth]
             if marked:  # nothing was queued: do not leave a 'queued' marker behind
                 await self.redis.delete(k.state)

@@ -1,10 +1,12 @@
-"""One pub/sub connection shared by every stream of a process, with race-free bookkeeping.
+"""One sharded pub/sub connection shared by every stream of a process (one per node on a Redis Cluster), with
+race-free bookkeeping. Job channels are shard channels (SSUBSCRIBE, Redis >= 7.0): on a cluster a job's events
+touch only the node owning its slot, where a plain PUBLISH would be broadcast to every node.
 
 Readers open and close subscriptions synchronously (no await), so a request cancelled at any point (a client that
 hangs up right after sending) can never leave a subscription behind. One task brings Redis in line with what is
-wanted: SUBSCRIBE what is wanted and not yet sent, UNSUBSCRIBE what was sent and is no longer wanted, batched.
+wanted: SSUBSCRIBE what is wanted and not yet sent, SUNSUBSCRIBE what was sent and is no longer wanted, batched.
 Another task reads. A channel is *live* once Redis answered every command sent for it on the current connection
-and the last one was SUBSCRIBE.
+and the last one was SSUBSCRIBE.
 
 After any reconnect (an error, or a connection silent past a PING) nothing is subscribed on the new connection:
 every wanted channel is subscribed again, retrying with backoff until Redis takes it, and each of its readers
@@ -17,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from broker_worker.protocol.aio import stop, wait_done
@@ -32,14 +37,20 @@ CONFIRM_TIMEOUT_S = 2.0  # a missed confirmation is harmless (the replay covers 
 READ_POLL_S = 1.0
 PING_AFTER_S = 15.0  # a connection silent this long is probed with PING …
 DEAD_AFTER_S = 30.0  # … and replaced when still silent this long
-BATCH = 500  # channels per SUBSCRIBE / UNSUBSCRIBE command
+BATCH = 500  # channels per SSUBSCRIBE / SUNSUBSCRIBE command (one node; on a cluster, channels of one node)
 MAX_BACKOFF_S = 2.0
+
+
+class _Registry(Protocol):
+    def remove(self, subscription: Subscription) -> None: ...
+
+    async def wait_live(self, channel: str, timeout_s: float) -> bool: ...
 
 
 class Subscription:
     """One reader's queue on one channel. ``close()`` (or leaving the ``with`` block) unregisters it at once."""
 
-    def __init__(self, subscriber: Subscriber, channel: str) -> None:
+    def __init__(self, subscriber: _Registry, channel: str) -> None:
         self.channel = channel
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self._subscriber = subscriber
@@ -64,8 +75,8 @@ class Subscription:
 
 
 class Subscriber:
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self._pool = redis.connection_pool
+    def __init__(self, redis: aioredis.Redis | None) -> None:
+        self._pool = redis.connection_pool if redis is not None else None
         self._wanted: dict[str, set[asyncio.Queue[str]]] = {}
         self._sent: set[str] = set()  # channels whose last command on this connection was SUBSCRIBE
         self._inflight: dict[str, int] = {}  # commands sent on this connection and not answered yet
@@ -138,25 +149,31 @@ class Subscriber:
             try:
                 await self._sync(conn)
             except (RedisError, OSError) as exc:
-                log.warning("pub/sub: SUBSCRIBE/UNSUBSCRIBE failed (%s); reconnecting", exc)
+                log.warning("pub/sub: SSUBSCRIBE/SUNSUBSCRIBE failed (%s); reconnecting", exc)
                 await self._drop(conn)
 
     async def _sync(self, conn: Any) -> None:
         adds = [channel for channel in self._wanted if channel not in self._sent]
         drops = [channel for channel in self._sent if channel not in self._wanted]
-        for command, channels in (("SUBSCRIBE", adds), ("UNSUBSCRIBE", drops)):
-            for start in range(0, len(channels), BATCH):
-                batch = channels[start : start + BATCH]
+        for command, channels in (("SSUBSCRIBE", adds), ("SUNSUBSCRIBE", drops)):
+            for batch in self._batches(channels):
                 if not conn.is_connected:  # never let send_command reconnect silently: the reader owns that
                     raise OSError("pub/sub connection closed")
                 self._note_sent(command, batch)
-                await conn.send_command(command, *batch, check_health=False)
+                try:
+                    await conn.send_command(command, *batch, check_health=False)
+                except (AttributeError, RuntimeError) as exc:  # closed under the write (no writer; uvloop)
+                    raise OSError(f"pub/sub connection closed: {exc}") from exc
+
+    def _batches(self, channels: list[str]) -> Iterator[list[str]]:
+        for start in range(0, len(channels), BATCH):
+            yield channels[start : start + BATCH]
 
     def _note_sent(self, command: str, channels: list[str]) -> None:
         for channel in channels:
             self._inflight[channel] = self._inflight.get(channel, 0) + 1
             self._live.discard(channel)
-            if command == "SUBSCRIBE":
+            if command == "SSUBSCRIBE":
                 self._sent.add(channel)
             else:
                 self._sent.discard(channel)
@@ -177,14 +194,24 @@ class Subscriber:
             await self._drop(self._conn)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+            await self._before_reconnect()
+            while not self._wanted:  # every channel moved to another node: nothing to connect for  # noqa: ASYNC110
+                await asyncio.sleep(MAX_BACKOFF_S)
+
+    async def _before_reconnect(self) -> None:
+        """A hook for the cluster: move channels whose slot another node now serves."""
+
+    async def _new_connection(self) -> Any:
+        assert self._pool is not None
+        return await self._pool.get_connection()  # type: ignore[no-untyped-call]
 
     async def _connect(self) -> Any:
         if self._conn is None:
-            self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            self._conn = await self._new_connection()
         else:
             await self._conn.connect()
             self.reconnects += 1
-            self._resync = set(self._wanted)
+            self._resync |= set(self._wanted)
         # A fresh connection has no subscriptions: everything wanted is sent again by the writer.
         self._sent.clear()
         self._inflight.clear()
@@ -213,10 +240,14 @@ class Subscriber:
         if not isinstance(reply, list) or len(reply) < 2:
             return
         kind, channel = reply[0], reply[1]
-        if kind == "message":
+        if kind == "smessage":
             for queue in self._wanted.get(channel, ()):
                 queue.put_nowait(reply[2])
-        elif kind in ("subscribe", "unsubscribe"):
+        elif kind == "sunsubscribe" and not self._inflight.get(channel) and channel in self._sent:
+            # Unasked: the slot moved to another node (resharding, or this node became a replica). Reconnect,
+            # which finds the channel's node again and has its readers re-read the replay.
+            raise OSError(f"Redis dropped shard channel {channel} (its slot moved)")
+        elif kind in ("ssubscribe", "sunsubscribe"):
             self._answered(channel)
 
     def _answered(self, channel: str) -> None:
@@ -248,6 +279,166 @@ class Subscriber:
         await stop(tasks)
         if self._conn is not None:
             await self._drop(self._conn)
-            with contextlib.suppress(Exception):
-                await self._pool.release(self._conn)
+            if self._pool is not None:
+                with contextlib.suppress(Exception):
+                    await self._pool.release(self._conn)
             self._conn = None
+
+
+class _NodeSubscriber(Subscriber):
+    """The shard channels one cluster node serves, on one connection of its own."""
+
+    def __init__(self, cluster: ClusterSubscriber, node: ClusterNode) -> None:
+        super().__init__(None)
+        self.node = node
+        self._cluster = cluster
+
+    def add(self, channel: str, queues: set[asyncio.Queue[str]], resync: bool) -> None:
+        self._wanted[channel] = queues  # the set is shared with the ClusterSubscriber: one record of readers
+        if resync:  # it moved here from another node: events published meanwhile were not delivered
+            self._resync.add(channel)
+        self._changed.set()
+        self._start()
+
+    def forget(self, channel: str) -> None:
+        if self._wanted.pop(channel, None) is not None:
+            self._resync.discard(channel)
+            self._changed.set()
+
+    def _batches(self, channels: list[str]) -> Iterator[list[str]]:
+        """A cluster node takes several shard channels in one command only when they share a slot (CROSSSLOT
+        otherwise); each job's channel has a slot of its own, so this is mostly one command per channel (sent
+        back to back, without waiting for the replies)."""
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        for group in by_slot.values():
+            yield from super()._batches(group)
+
+    async def _new_connection(self) -> Any:
+        connection = self.node.connection_class(**self.node.connection_kwargs)
+        await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def _before_reconnect(self) -> None:
+        await self._cluster.reroute(self)
+
+
+class ClusterSubscriber:
+    """``Subscriber`` for a Redis Cluster: each channel is subscribed on the node serving its slot, one
+    connection per node. After a connection fails, the cluster's slot map is read again and channels whose slot
+    moved (a replica promoted, a resharding) are subscribed on their new node, whose readers get ``RESYNC``."""
+
+    def __init__(self, redis: aioredis.RedisCluster) -> None:
+        self._redis = redis
+        self._wanted: dict[str, set[asyncio.Queue[str]]] = {}
+        self._where: dict[str, _NodeSubscriber] = {}
+        self._nodes: dict[str, _NodeSubscriber] = {}
+        self._homeless: set[str] = set()  # wanted before the slot map was known
+        self._placing: asyncio.Task[None] | None = None
+
+    def _shards(self) -> Iterable[_NodeSubscriber]:
+        return list(self._nodes.values())
+
+    @property
+    def channels(self) -> int:
+        return len(self._wanted)
+
+    @property
+    def connected(self) -> bool:
+        return all(shard.connected for shard in self._shards() if shard._wanted)
+
+    @property
+    def settled(self) -> bool:
+        return not self._homeless and all(shard.settled for shard in self._shards())
+
+    @property
+    def reconnects(self) -> int:
+        return sum(shard.reconnects for shard in self._shards())
+
+    def open(self, channel: str) -> Subscription:
+        subscription = Subscription(self, channel)
+        queues = self._wanted.setdefault(channel, set())
+        queues.add(subscription.queue)
+        if channel not in self._where:
+            if self._redis.nodes_manager.slots_cache:
+                self._place(channel, resync=False)
+            else:  # the client has not read the slot map yet (no command sent so far): place it once it has
+                self._homeless.add(channel)
+                if self._placing is None or self._placing.done():
+                    self._placing = asyncio.create_task(self._place_homeless())
+        return subscription
+
+    def remove(self, subscription: Subscription) -> None:
+        queues = self._wanted.get(subscription.channel)
+        if queues is None:
+            return
+        queues.discard(subscription.queue)
+        if not queues:
+            del self._wanted[subscription.channel]
+            self._homeless.discard(subscription.channel)
+            shard = self._where.pop(subscription.channel, None)
+            if shard is not None:
+                shard.forget(subscription.channel)
+
+    async def wait_live(self, channel: str, timeout_s: float) -> bool:
+        """Whether the channel is live on its node within ``timeout_s`` (following it if it moves meanwhile)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:
+            shard = self._where.get(channel)
+            if shard is not None and await shard.wait_live(channel, min(left, 0.2)):
+                return True
+            if shard is None:
+                await asyncio.sleep(min(left, 0.05))
+        return False
+
+    def _place(self, channel: str, resync: bool) -> None:
+        node = self._redis.nodes_manager.get_node_from_slot(self._redis.keyslot(channel))
+        shard = self._nodes.get(node.name)
+        if shard is None:
+            shard = self._nodes[node.name] = _NodeSubscriber(self, node)
+        self._where[channel] = shard
+        shard.add(channel, self._wanted[channel], resync)
+
+    async def _place_homeless(self) -> None:
+        backoff = 0.1
+        while self._homeless:
+            try:
+                await self._redis.initialize()
+                for channel in list(self._homeless):
+                    self._homeless.discard(channel)
+                    if channel in self._wanted and channel not in self._where:
+                        self._place(channel, resync=False)
+            except (RedisError, OSError) as exc:
+                log.warning("pub/sub: cannot read the cluster's slot map yet (%s)", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def reroute(self, shard: _NodeSubscriber) -> None:
+        """After ``shard``'s connection failed: read the slot map again and move its channels that another node
+        now serves."""
+        try:
+            await self._redis.nodes_manager.initialize()
+        except (RedisError, OSError) as exc:  # the cluster is mid-failover: the next reconnect tries again
+            log.warning("pub/sub: cannot read the cluster's slot map (%s)", exc)
+            return
+        for channel in list(shard._wanted):
+            node = self._redis.nodes_manager.get_node_from_slot(self._redis.keyslot(channel))
+            if node.name != shard.node.name:
+                shard.forget(channel)
+                log.info("pub/sub: channel %s moved from %s to %s", channel, shard.node.name, node.name)
+                self._place(channel, resync=True)
+
+    async def close(self) -> None:
+        if self._placing is not None:
+            await stop([self._placing])
+        for shard in self._shards():
+            await shard.close()
+
+
+def subscriber_for(redis: aioredis.Redis | aioredis.RedisCluster) -> Subscriber | ClusterSubscriber:
+    """The process's pub/sub subscriber for this client (one Redis, or one connection per cluster node)."""
+    if isinstance(redis, aioredis.RedisCluster):
+        return ClusterSubscriber(redis)
+    return Subscriber(redis)

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.aio import stop
+from broker_worker.protocol.connections import is_cluster
 
 log = logging.getLogger("broker_worker.protocol.readers")
 
@@ -118,6 +119,10 @@ class Readers:
                 log.warning("could not renew %d job readers: %s", len(self._active), exc)
 
     async def renew(self) -> None:
+        if is_cluster(self._redis):  # readers of many slots; a cluster pipeline would not reload the script
+            joins = [self._join(keys=[job_readers_key(j)], args=[r, self._ttl_ms]) for r, j in self._active.items()]
+            await asyncio.gather(*joins)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for reader, job_id in list(self._active.items()):
                 await self._join(keys=[job_readers_key(job_id)], args=[reader, self._ttl_ms], client=pipe)

@@ -19,7 +19,7 @@ if (not terminal) and redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
 seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local message = '{"seq":' .. seq .. ',' .. ARGV[2]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', message)
-redis.call('PUBLISH', string.gsub(KEYS[1], ':state$', ':chan'), message)
+redis.call('SPUBLISH', string.gsub(KEYS[1], ':state$', ':chan'), message)
 if terminal then
   redis.call('HSET', KEYS[1], 'status', kind, 'owner', '', 'ended_by', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
