@@ -145,7 +145,7 @@ def test_sigterm_worker_under_load_loses_nothing(start_worker, start_gateway) ->
     handed = re.findall(r"job (\w+) handed back on shutdown", a.log())
     assert len(handed) >= 2
     for job_id in handed:  # each was resumed by the other worker, after the text already sent
-        b.wait_log(rf"job {job_id} resumed \(queued \d+\.\d\ds, [1-9]\d* chars already sent\)")
+        b.wait_log(rf"job {job_id} resumed \(queued \d+\.\d\ds, [1-9]\d* chars already sent, reclaimed\)")  # taken over
 
 
 def streaming_and_queued(r: redis.Redis) -> tuple[int, int]:
