@@ -9,7 +9,9 @@ worker takes, and stops at the first step that gives it anything:
 2. new interactive entries;
 3. batch entries idle past the lease, when a take-over pass is due;
 4. new batch entries;
-5. otherwise it waits on both streams at once, so an interactive arrival is seen at once and a batch one too.
+5. otherwise it waits on the interactive stream, so an interactive arrival is seen at once; a batch arrival is
+   seen at the next pass, at most one wait later (one read of both streams would be cross-slot on a Redis Cluster:
+   the two streams' names hash to different slots).
 
 So a batch job is taken only when no interactive job of the model waits: an interactive request waits at most
 for a slot to free up, never behind the batch backlog. Steps 1-4 do not block. Both lanes keep every guarantee
@@ -51,7 +53,7 @@ class Lanes:
                     return taken
             if new := await queue.take_new(count):
                 return new
-        return await wait_new(self.queues, count, block_ms)
+        return await wait_new(self.queues[:1], count, block_ms)
 
     async def keep(self, running: Iterable[Entry]) -> None:
         """Renew the lease of the entries this worker runs, each on its own stream."""

@@ -397,7 +397,7 @@ def test_blocking_client(redis_server: RedisServer, r: redis.Redis, start_worker
         assert "".join(e.text for e in events_seen if e.type == "delta") == expected_text("sync", 7)
         assert [w.model for w in client.workers()] == ["fake"]
         assert client.submit(sync_job) is False  # a known id is not queued again
-        assert client.queue_length("fake") == 0
+        wait_for(lambda: client.queue_length("fake") == 0, 10, "the entry deleted")  # done is published first
         assert client.submit(Job.model_validate(job("sync-2", model="nobody"))) is True
         assert r.hgetall("ivl:job:{sync-2}:state") == {"status": "queued"}  # a queued id is not an unknown one
     finally:
