@@ -10,9 +10,12 @@ need in any encoding (junk inside the structure, or a format that cannot be walk
 
 from __future__ import annotations
 
+import base64
+
 from PIL import Image
 
 from broker_worker.protocol.errors import invalid
+from broker_worker.protocol.images import ImageLimits, decode_base64, open_image
 
 #: Room for metadata a real image carries (ICC profile, EXIF, thumbnails), on top of twice its raw pixels.
 METADATA_ALLOWANCE = 1 << 20
@@ -130,3 +133,13 @@ def _skip_sub_blocks(data: bytes, pos: int) -> int:
     while pos < len(data) and data[pos]:
         pos += data[pos] + 1
     return pos + 1
+
+
+def bounded(b64: str, index: int, limits: ImageLimits) -> str:
+    """An image of a request, base64: its header checked (nothing decompressed), the bytes after its end dropped,
+    its size bounded by its pixels."""
+    data = decode_base64(b64, index, limits)
+    image = open_image(data, index, limits, load=False)
+    trimmed = trim(data)
+    check_size(trimmed, image, index)
+    return b64 if len(trimmed) == len(data) else base64.b64encode(trimmed).decode()

@@ -8,7 +8,6 @@ after an image's end are dropped and its size is bounded by its pixels (``image_
 
 from __future__ import annotations
 
-import base64
 import itertools
 import time
 from typing import Annotated, Any, Literal
@@ -16,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 
 from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid
-from broker_worker.protocol.images import ImageLimits, decode_base64, open_image, strip_data_url
+from broker_worker.protocol.images import ImageLimits, strip_data_url
 from broker_worker.protocol.messages import (
     JOB_ID_PATTERN,
     MAX_CONTENT_CHARS,
@@ -294,15 +293,8 @@ def check_limits(prompt: list[ChatMessage], params: SamplingParams, settings: Ga
         )
     limits, numbers = ImageLimits(max_pixels=settings.max_image_pixels), itertools.count(1)
     return [
-        m.model_copy(update={"image": [_bounded(b64, next(numbers), limits) for b64 in m.image]}) if m.image else m
+        m.model_copy(update={"image": [image_bytes.bounded(b64, next(numbers), limits) for b64 in m.image]})
+        if m.image
+        else m
         for m in prompt
     ]
-
-
-def _bounded(b64: str, index: int, limits: ImageLimits) -> str:
-    """Header checked (nothing decompressed), bytes after the image's end dropped, size bounded by its pixels."""
-    data = decode_base64(b64, index, limits)
-    image = open_image(data, index, limits, load=False)
-    trimmed = image_bytes.trim(data)
-    image_bytes.check_size(trimmed, image, index)
-    return b64 if len(trimmed) == len(data) else base64.b64encode(trimmed).decode()

@@ -22,10 +22,10 @@ from redis.cluster import RedisCluster
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.client import AsyncClient
+from broker_worker.protocol.cluster_pubsub import ClusterSubscriber
 from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Delta, Job
-from broker_worker.protocol.pubsub import ClusterSubscriber
 from tests.helpers import BIN, Proc, RedisServer, free_port, served_models, spawn, spawn_gateway, wait_for, worker_args
 from tests.test_reliability import consistent, expected
 

@@ -18,11 +18,12 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
+from broker_worker.protocol.cluster_pubsub import subscriber_for
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
-from broker_worker.protocol.pubsub import RESYNC, subscriber_for
+from broker_worker.protocol.pubsub import RESYNC
 from broker_worker.protocol.readers import Readers
 
 log = logging.getLogger("broker_worker.protocol.client")

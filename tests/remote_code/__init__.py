@@ -14,7 +14,6 @@ def make_remote_checkpoint(out: Path, template: str = "internvl2_5") -> Path:
     import sys
 
     import torch
-
     from broker_worker.tiny_model import make_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
