@@ -78,7 +78,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             max_connections=settings.redis_max_connections,
             pool_timeout_s=settings.redis_pool_timeout_s,
         )
-        client = AsyncClient(redis)
+        client = AsyncClient(redis, hangup_grace_s=settings.hangup_grace_s)
         service = GatewayService(settings, client, Metrics())
         app.state.service = service
         bridge_task = None

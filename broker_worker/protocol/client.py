@@ -24,17 +24,17 @@ from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 from broker_worker.protocol.pubsub import RESYNC
-from broker_worker.protocol.readers import Readers
+from broker_worker.protocol.readers import HANGUP_GRACE_S, Readers
 
 log = logging.getLogger("broker_worker.protocol.client")
 
 
 class AsyncClient:
-    def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0) -> None:
+    def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0, hangup_grace_s: float = HANGUP_GRACE_S) -> None:
         self.redis = redis
         self.store = jobs.JobStore(redis)
         self.subscriber = subscriber_for(redis)
-        self.readers = Readers(redis)
+        self.readers = Readers(redis, hangup_grace_s=hangup_grace_s)
         self.poll_s = poll_s
         #: Cancel a job whose ``generate`` stream is given up before its end (its caller went away), unless
         #: another reader still reads it. The gateway turns it off while it shuts down: clients resume by id.
