@@ -70,7 +70,7 @@ class AsyncClient:
             yield event
 
     async def _run(self, job: Job, max_queue: int, timeouts: dict[str, float | None]) -> AsyncIterator[Event | None]:
-        reader, queued, finished = self.readers.new(job.id), False, False
+        reader, queued, finished, gave_up = self.readers.new(job.id), False, False, False
         try:
             with self.subscriber.open(c.job_channel(job.id)) as subscription:
                 steps = subscription.confirmed(), self.submit(job, max_queue), self.readers.join(reader)
@@ -79,11 +79,16 @@ class AsyncClient:
                     raise error
                 queued = True
                 yield None
-                async for event in self._events(job.id, subscription.queue, 0, **timeouts):
-                    finished = is_terminal(event)
-                    yield event
+                try:
+                    async for event in self._events(job.id, subscription.queue, 0, **timeouts):
+                        finished = is_terminal(event)
+                        yield event
+                except JobError:  # the caller is told the job failed (e.g. not started in time): no grace
+                    gave_up = True
+                    raise
         finally:  # a refused submission cancels nothing: the id may be another request's running job
-            self.readers.leave_later(reader, cancel=self.cancel_abandoned and queued and not finished)
+            cancel = self.cancel_abandoned and queued and not finished
+            self.readers.leave_later(reader, cancel=cancel, grace=not gave_up)
 
     async def stream(self, job_id: str, after_seq: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
         """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one.

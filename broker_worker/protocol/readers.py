@@ -118,16 +118,18 @@ class Readers:
                 log.info("job %s cancelled: its client went away", job_id)
         return cancel and left == 0
 
-    def leave_later(self, reader: str, *, cancel: bool) -> None:
-        """``leave`` as its own task, for finally blocks (the request's task may itself be cancelled)."""
-        task = asyncio.get_running_loop().create_task(self._leave_logged(reader, cancel))
+    def leave_later(self, reader: str, *, cancel: bool, grace: bool = True) -> None:
+        """``leave`` as its own task, for finally blocks (the request's task may itself be cancelled). A cancelling
+        leave waits ``hangup_grace_s`` first unless ``grace`` is off (the job was given up, not hung up on)."""
+        delay = self.hangup_grace_s if cancel and grace else 0.0
+        task = asyncio.get_running_loop().create_task(self._leave_logged(reader, cancel, delay))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _leave_logged(self, reader: str, cancel: bool) -> None:
-        if cancel and self.hangup_grace_s > 0:
+    async def _leave_logged(self, reader: str, cancel: bool, delay: float) -> None:
+        if delay > 0:
             with contextlib.suppress(TimeoutError):  # a retry of the same id may join meanwhile
-                async with asyncio.timeout(self.hangup_grace_s):
+                async with asyncio.timeout(delay):
                     await self._closing.wait()
         try:
             await self.leave(reader, cancel=cancel)
