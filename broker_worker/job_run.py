@@ -79,7 +79,8 @@ class JobRunner:
             return
         log.info("job %s received (entry %s%s)", job.id, entry.entry_id, ", reclaimed" if entry.reclaimed else "")
         token = uuid.uuid4().hex[:12]
-        decision = await self.store.start(job.id, entry.entry_id, token, self.worker_id, now_ms())
+        fresh_run_ms = int(self.settings.lease_s * 500)  # half a lease: no run fails that fast unnoticed
+        decision = await self.store.start(job.id, entry.entry_id, token, self.worker_id, now_ms(), fresh_run_ms)
         if not decision.run:
             log.info("job %s duplicate of a %s job: not run again", job.id, decision.duplicate_of)
             await entry.queue.finish(entry.entry_id)

@@ -54,7 +54,7 @@ async def test_publish_and_renew_are_fenced_after_a_takeover(ar: aioredis.Redis,
     assert await store.publish("fence", "token-b", Cancelled(), 3) == 3  # the terminal event still goes in
     texts = [json.loads(f["e"]).get("text") for _, f in r.xrange(c.job_events_key("fence"))]
     assert texts == ["one ", "two ", None]
-    assert r.hgetall(c.job_state_key("fence")) | {"started_ms": "0"} == {
+    assert r.hgetall(c.job_state_key("fence")) | {"started_ms": "0", "claimed_ms": "0"} == {
         "status": "cancelled",
         "owner": "",
         "seq": "3",
@@ -62,6 +62,7 @@ async def test_publish_and_renew_are_fenced_after_a_takeover(ar: aioredis.Redis,
         "entry": "1-0",
         "worker": "worker-b",
         "started_ms": "0",
+        "claimed_ms": "0",
         "ended_by": "token-b",
     }
 
@@ -85,6 +86,18 @@ async def test_hand_back_is_not_an_attempt_and_retry_is(ar: aioredis.Redis, r: r
     assert await store.release("back", "b", failed_attempt=True) is True  # transient error: counted
     assert (await store.start("back", "3-0", "c", "w", 0)).attempts == 2
     assert r.hget(c.job_state_key("back"), "status") == "running"
+
+
+async def test_two_workers_handed_one_entry_at_once_count_one_attempt(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """After a Redis stall, a second worker's XAUTOCLAIM can take an entry whose first claimer's start was still
+    waiting: taking over that brand-new run is not a failed attempt (it used to be, and a job that met a kill, a
+    hand-back and such a stall was dead-lettered). A take-over of a run older than the window still counts."""
+    store = JobStore(ar)
+    assert (await store.start("twice", "1-0", "a", "w1", 0, fresh_run_ms=60_000)).attempts == 1
+    second = await store.start("twice", "1-0", "b", "w2", 0, fresh_run_ms=60_000)
+    assert (second.run, second.attempts) == (True, 1)
+    assert r.hget(c.job_state_key("twice"), "owner") == "b"  # the first run is fenced off all the same
+    assert (await store.start("twice", "1-0", "c", "w3", 0, fresh_run_ms=0)).attempts == 2  # a real take-over
 
 
 async def test_replay_stream_is_capped_at_20000_events(ar: aioredis.Redis, r: redis.Redis) -> None:

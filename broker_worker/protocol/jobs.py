@@ -68,11 +68,14 @@ class JobStore:
         self._mark_queued = redis.register_script(lua("mark_queued"))
         self._enqueue = redis.register_script(lua("enqueue"))
 
-    async def start(self, job_id: str, entry_id: str, token: str, worker_id: str, now_ms: int) -> StartDecision:
+    async def start(
+        self, job_id: str, entry_id: str, token: str, worker_id: str, now_ms: int, fresh_run_ms: int = 0
+    ) -> StartDecision:
+        """Decide whether this delivery runs the job. Taking over a run that started less than ``fresh_run_ms``
+        ago (Redis' clock) counts no attempt: both workers were handed the entry at once."""
         k = JobKeys.of(job_id)
-        action, status, seq, cancelled = await self._start(
-            keys=[k.state, k.cancel, k.events], args=[entry_id, token, worker_id, now_ms, self.job_ttl_s]
-        )
+        args = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms]
+        action, status, seq, cancelled = await self._start(keys=[k.state, k.cancel, k.events], args=args)
         if action == "run":
             return StartDecision(True, "", int(status), int(seq), bool(cancelled))
         return StartDecision(False, str(status), 0, int(seq), bool(cancelled))

@@ -1,6 +1,7 @@
 -- Take a job for a run: decide new / resumed / duplicate, count the attempt, install the new fencing token.
 -- KEYS[1] state hash, KEYS[2] cancel key, KEYS[3] replay stream
--- ARGV[1] stream entry id, ARGV[2] fencing token, ARGV[3] worker id, ARGV[4] now (ms), ARGV[5] ttl (s)
+-- ARGV[1] stream entry id, ARGV[2] fencing token, ARGV[3] worker id, ARGV[4] now (ms), ARGV[5] ttl (s),
+-- ARGV[6] ms: taking over a run that started less than this long ago (Redis' clock) is not a failed attempt
 -- Statuses: states.JobStatus. Returns {'run' | 'duplicate', status or attempts, seq, cancelled}.
 local status = redis.call('HGET', KEYS[1], 'status')
 local entry = redis.call('HGET', KEYS[1], 'entry')
@@ -13,11 +14,18 @@ end
 if status == 'running' and entry ~= ARGV[1] then
   return {'duplicate', status, 0, 0}
 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local increment = 1
 if status == 'released' then increment = 0 end  -- handed back on shutdown: not a failed attempt ('retry' is)
+-- Two workers claimed the entry at once (a Redis stall aged its idle time past the lease while the first one's
+-- start waited): the run taken over had no chance to fail, so it costs no attempt.
+if status == 'running' and now - tonumber(redis.call('HGET', KEYS[1], 'claimed_ms') or '0') < tonumber(ARGV[6] or '0') then
+  increment = 0
+end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', increment)
 redis.call('HSET', KEYS[1], 'status', 'running', 'entry', ARGV[1], 'owner', ARGV[2], 'worker', ARGV[3],
-  'started_ms', ARGV[4])
+  'started_ms', ARGV[4], 'claimed_ms', now)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local cancelled = redis.call('EXISTS', KEYS[2])
