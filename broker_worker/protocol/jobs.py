@@ -74,7 +74,7 @@ class JobStore:
         """Decide whether this delivery runs the job. Taking over a run that started less than ``fresh_run_ms``
         ago (Redis' clock) counts no attempt: both workers were handed the entry at once."""
         k = JobKeys.of(job_id)
-        args = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms]
+        args: list[str | int] = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms]
         action, status, seq, cancelled = await self._start(keys=[k.state, k.cancel, k.events], args=args)
         if action == "run":
             return StartDecision(True, "", int(status), int(seq), bool(cancelled))
