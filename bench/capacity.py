@@ -139,6 +139,7 @@ def redis_snapshot(server: RedisServer) -> tuple[float, dict[str, float]]:
     cpu = r.info("cpu")
     stats = r.info("commandstats")
     usec = {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+    usec["reads"] = float(r.info("stats")["total_reads_processed"])  # socket reads: how well clients pipeline
     usec.update({f"calls:{name.removeprefix('cmdstat_')}": float(v["calls"]) for name, v in stats.items()})
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), usec
 
@@ -197,10 +198,12 @@ def one_n(workdir: Path, n: int, tokens: int, interval_ms: int, profile: Path | 
             )
             for name, (first, count) in halves.items()
         ]
-        if profile is not None:  # py-spy (pip install py-spy) on the gateway while the streams run
-            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(gw.pid), "-r", "250"]
-            spy += ["-d", str(int(tokens * TOKEN_DELAY_S)), "-f", "raw", "--nonblocking", "-o", f"{profile}-{n}.txt"]
-            subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if profile is not None:  # py-spy (pip install py-spy) on the gateway and one worker while the streams run
+            for pid, name in ((gw.pid, "gateway"), (worker_pids[0], "worker")):
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "250"]
+                spy += ["-d", str(int(tokens * TOKEN_DELAY_S)), "-f", "raw", "--nonblocking"]
+                spy += ["-o", f"{profile}-{name}-{n}.txt"]
+                subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # RSS with every stream open: sampled while the clients run, the peak kept
         rss_peak = rss_before
         while any(c.poll() is None for c in clients):
@@ -242,8 +245,11 @@ def summarise(
     ramp = max(starts) - min(starts) if starts else 0.0
     events = sum(s.get("chunks", 0) for s in every)
     commands = {k: v - cpu0[3].get(k, 0.0) for k, v in cpu1[3].items()}
-    published = int(commands.get("calls:publish", 0))  # also counted when called from the publish script
-    busiest = sorted((k for k in commands if not k.startswith("calls:")), key=lambda k: -commands[k])[:6]
+    # Also counted when called from the publish script; shard channels (SPUBLISH) since jobs publish per slot.
+    published = int(commands.get("calls:spublish", 0) + commands.get("calls:publish", 0))
+    busiest = sorted((k for k in commands if not k.startswith("calls:") and k != "reads"), key=lambda k: -commands[k])[
+        :6
+    ]
     gateway_cpu, worker_cpu, redis_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], cpu1[2] - cpu0[2]
 
     def delays(which: list[dict[str, Any]]) -> dict[str, float]:
@@ -265,6 +271,7 @@ def summarise(
         # Inside commands only (a script's time includes the commands it calls); the rest of redis_cpu_us_per_event
         # is the event loop and socket I/O, and the workers' and gateways' other commands.
         "redis_command_us_per_event": {k: round(commands[k] / max(published, 1), 2) for k in busiest},
+        "redis_socket_reads_per_event": round(commands.get("reads", 0.0) / max(published, 1), 3),
         "worker_cpu_us_per_event": round(worker_cpu * 1e6 / max(published, 1), 1),
         "events_relayed": events,
         "events_published": published,
