@@ -107,6 +107,25 @@ async def test_events_of_many_jobs_go_in_one_call_each_applied_alone(ar: aioredi
     assert texts == {0: ["text 0 "], 1: [], 2: [], 3: ["first "], 4: ["text 4 "], 5: ["text 5 "]}
 
 
+async def test_a_busy_worker_publishes_at_most_once_per_window(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """``--publish-window-ms``: the first event after a quiet spell goes at once; events that come within the
+    window after a call began share the next call."""
+    store = JobStore(ar, publish_window_s=0.5)
+    for k in range(7):
+        await store.start(f"w{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    assert await store.publish("w6", "token-6", Delta(text="loads the script "), 1) == 1
+    await asyncio.sleep(0.6)  # a quiet spell
+    r.config_resetstat()
+    assert await store.publish("w0", "token-0", Delta(text="first "), 1) == 1
+    assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 1
+    later = []
+    for k in range(1, 6):  # one by one, as tokens of separate jobs come: they wait for the window and go together
+        later.append(asyncio.create_task(store.publish(f"w{k}", f"token-{k}", Delta(text="next "), 1)))
+        await asyncio.sleep(0.01)
+    assert await asyncio.gather(*later) == [1] * 5
+    assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
+
+
 async def test_a_script_error_fails_only_its_own_event(ar: aioredis.Redis, r: redis.Redis) -> None:
     store = JobStore(ar)
     for k in range(3):

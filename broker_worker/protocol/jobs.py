@@ -60,7 +60,7 @@ class StartDecision:
 class JobStore:
     """The Lua scripts, registered once on an asyncio Redis client."""
 
-    def __init__(self, redis: aioredis.Redis, job_ttl_s: int = c.JOB_TTL_S) -> None:
+    def __init__(self, redis: aioredis.Redis, job_ttl_s: int = c.JOB_TTL_S, publish_window_s: float = 0.0) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
         self._start = redis.register_script(lua("start"))
@@ -68,7 +68,8 @@ class JobStore:
         # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
         # slot of their own, so there each event is a call of its own.
         common: list[str | int] = [c.REPLAY_MAXLEN, job_ttl_s]
-        self._publish_batch = None if is_cluster(redis) else PublishBatcher(redis, self._publish, common)
+        batcher = PublishBatcher(redis, self._publish, common, publish_window_s)
+        self._publish_batch = None if is_cluster(redis) else batcher
         self._renew = redis.register_script(lua("renew"))
         self._release = redis.register_script(lua("release"))
         self._mark_queued = redis.register_script(lua("mark_queued"))

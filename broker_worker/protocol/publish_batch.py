@@ -4,7 +4,11 @@ A worker runs hundreds of jobs, each publishing an event per token. Sent one com
 their own, every event cost Redis a socket read and write and the script's fixed cost, more than the script's
 work itself (bench/capacity.py's Redis CPU per event). Here the events published while a call is in flight go
 together in the next call, so a quiet worker waits no longer than before (one event, one round trip) and a busy
-one sends one call per round trip. The script applies each event on its own (fencing, expected seq, cancel), and
+one sends one call per round trip. A busy worker also waits, at most ``window_s`` after its last call began,
+before the next one: its jobs' tokens come spread out in time (each job's engine has its own pace), and Redis'
+cost per event falls from ~34 µs (one per call) to ~9 µs (ten per call) on this repository's box. The first
+event after a quiet spell never waits: the wait only paces a worker already sending more than one call per
+window. The script applies each event on its own (fencing, expected seq, cancel), and
 each caller gets its own result; a lost connection fails every event of its call, and their callers retry as
 they would have after a call of their own (the expected seq makes a repeated event a no-op).
 """
@@ -25,10 +29,14 @@ Pending = tuple[list[str], list[str | int], "asyncio.Future[int]"]
 
 
 class PublishBatcher:
-    def __init__(self, redis: aioredis.Redis, script: AsyncScript, common: list[str | int]) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, script: AsyncScript, common: list[str | int], window_s: float = 0.0
+    ) -> None:
         self._redis = redis
         self._script = script
         self._common = common  # the script's leading arguments: replay max length, TTL
+        self._window_s = window_s
+        self._last_call = -window_s  # loop time the last call began
         self._pending: list[Pending] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -40,7 +48,11 @@ class PublishBatcher:
         return await future
 
     async def _send_all(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
+            if (wait := self._last_call + self._window_s - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            self._last_call = loop.time()
             batch, self._pending = self._pending, []
             try:
                 results = await self._call(batch)
