@@ -283,6 +283,44 @@ def summarise(
     }
 
 
+def publish_cost(workdir: Path, jobs: int = 200, rounds: int = 50) -> dict[str, float]:
+    """Redis CPU per event of ``lua/publish.lua`` alone, by events per call (a worker's calls carry what its jobs
+    made during one round trip or ``--publish-window-ms``), with a subscriber on every job's channel: what one
+    Redis node's core costs per event at each batch size, without the rest of the stack on the CPU."""
+    from broker_worker.protocol import constants as c
+    from broker_worker.protocol.jobs import lua
+    from tests.helpers import RedisServer
+
+    server = RedisServer(workdir).start()
+    try:
+        r = server.client()
+        sha = r.script_load(lua("publish"))
+        pubsub = r.pubsub()
+        pubsub.ssubscribe(*[c.job_channel(f"p{j}") for j in range(jobs)])
+        body = '"type":"delta","text":"@1764000000.123456 "'
+        out: dict[str, float] = {}
+        for per_call in (1, 3, 10, 30):
+            r.flushall()
+            for j in range(jobs):
+                r.hset(c.job_state_key(f"p{j}"), mapping={"owner": "t", "seq": 0, "status": "running"})
+            cpu0 = redis_snapshot(server)[0]
+            for seq in range(1, rounds + 1):
+                for first in range(0, jobs, per_call):
+                    keys: list[str] = []
+                    args: list[str | int] = [c.REPLAY_MAXLEN, c.JOB_TTL_S]
+                    for j in range(first, min(first + per_call, jobs)):
+                        keys += [c.job_state_key(f"p{j}"), c.job_events_key(f"p{j}"), c.job_cancel_key(f"p{j}")]
+                        args += ["t", body, seq]
+                    r.evalsha(sha, len(keys), *keys, *args)
+                while pubsub.get_sharded_message(timeout=0) is not None:
+                    pass
+            out[str(per_call)] = round((redis_snapshot(server)[0] - cpu0) * 1e6 / (jobs * rounds), 2)
+        pubsub.close()
+    finally:
+        server.kill()
+    return out
+
+
 def concurrent_streams(
     workdir: Path, ns: list[int], tokens: int = 200, interval_ms: int = 20, profile: Path | None = None
 ) -> dict[str, Any]:
@@ -291,6 +329,8 @@ def concurrent_streams(
         print(f"[bench] concurrent_streams N={n} …", flush=True)
         out[str(n)] = one_n(workdir, n, tokens, interval_ms, profile)
         print(json.dumps(out[str(n)]), flush=True)
+    out["redis_publish_us_per_event_by_events_per_call"] = publish_cost(workdir)
+    print(json.dumps(out["redis_publish_us_per_event_by_events_per_call"]), flush=True)
     return {"concurrent_streams": out}
 
 
