@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring as quote  # json.dumps(str, ensure_ascii=False), minus its wrappers
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -90,7 +91,7 @@ async def _sse(events: AsyncIterator[Event], job: Job, include_usage: bool) -> A
     middle += '{"content": '
 
     def delta(piece: str) -> bytes:
-        content = json.dumps(piece, ensure_ascii=False)
+        content = quote(piece)
         return (head + str(int(time.time())) + middle + content + '}, "finish_reason": null}]}\n\n').encode()
 
     yield chunk({"role": "assistant", "content": ""})
