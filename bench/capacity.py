@@ -139,6 +139,7 @@ def redis_snapshot(server: RedisServer) -> tuple[float, dict[str, float]]:
     cpu = r.info("cpu")
     stats = r.info("commandstats")
     usec = {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+    usec["reads"] = float(r.info("stats")["total_reads_processed"])  # socket reads: how well clients pipeline
     usec.update({f"calls:{name.removeprefix('cmdstat_')}": float(v["calls"]) for name, v in stats.items()})
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), usec
 
@@ -197,10 +198,12 @@ def one_n(workdir: Path, n: int, tokens: int, interval_ms: int, profile: Path | 
             )
             for name, (first, count) in halves.items()
         ]
-        if profile is not None:  # py-spy (pip install py-spy) on the gateway while the streams run
-            spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(gw.pid), "-r", "250"]
-            spy += ["-d", str(int(tokens * TOKEN_DELAY_S)), "-f", "raw", "--nonblocking", "-o", f"{profile}-{n}.txt"]
-            subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if profile is not None:  # py-spy (pip install py-spy) on the gateway and one worker while the streams run
+            for pid, name in ((gw.pid, "gateway"), (worker_pids[0], "worker")):
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "250"]
+                spy += ["-d", str(int(tokens * TOKEN_DELAY_S)), "-f", "raw", "--nonblocking"]
+                spy += ["-o", f"{profile}-{name}-{n}.txt"]
+                subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # RSS with every stream open: sampled while the clients run, the peak kept
         rss_peak = rss_before
         while any(c.poll() is None for c in clients):
@@ -242,8 +245,11 @@ def summarise(
     ramp = max(starts) - min(starts) if starts else 0.0
     events = sum(s.get("chunks", 0) for s in every)
     commands = {k: v - cpu0[3].get(k, 0.0) for k, v in cpu1[3].items()}
-    published = int(commands.get("calls:publish", 0))  # also counted when called from the publish script
-    busiest = sorted((k for k in commands if not k.startswith("calls:")), key=lambda k: -commands[k])[:6]
+    # Also counted when called from the publish script; shard channels (SPUBLISH) since jobs publish per slot.
+    published = int(commands.get("calls:spublish", 0) + commands.get("calls:publish", 0))
+    busiest = sorted((k for k in commands if not k.startswith("calls:") and k != "reads"), key=lambda k: -commands[k])[
+        :6
+    ]
     gateway_cpu, worker_cpu, redis_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], cpu1[2] - cpu0[2]
 
     def delays(which: list[dict[str, Any]]) -> dict[str, float]:
@@ -265,6 +271,7 @@ def summarise(
         # Inside commands only (a script's time includes the commands it calls); the rest of redis_cpu_us_per_event
         # is the event loop and socket I/O, and the workers' and gateways' other commands.
         "redis_command_us_per_event": {k: round(commands[k] / max(published, 1), 2) for k in busiest},
+        "redis_socket_reads_per_event": round(commands.get("reads", 0.0) / max(published, 1), 3),
         "worker_cpu_us_per_event": round(worker_cpu * 1e6 / max(published, 1), 1),
         "events_relayed": events,
         "events_published": published,
@@ -276,6 +283,44 @@ def summarise(
     }
 
 
+def publish_cost(workdir: Path, jobs: int = 200, rounds: int = 50) -> dict[str, float]:
+    """Redis CPU per event of ``lua/publish.lua`` alone, by events per call (a worker's calls carry what its jobs
+    made during one round trip or ``--publish-window-ms``), with a subscriber on every job's channel: what one
+    Redis node's core costs per event at each batch size, without the rest of the stack on the CPU."""
+    from broker_worker.protocol import constants as c
+    from broker_worker.protocol.jobs import lua
+    from tests.helpers import RedisServer
+
+    server = RedisServer(workdir).start()
+    try:
+        r = server.client()
+        sha = r.script_load(lua("publish"))
+        pubsub = r.pubsub()
+        pubsub.ssubscribe(*[c.job_channel(f"p{j}") for j in range(jobs)])
+        body = '"type":"delta","text":"@1764000000.123456 "'
+        out: dict[str, float] = {}
+        for per_call in (1, 3, 10, 30):
+            r.flushall()
+            for j in range(jobs):
+                r.hset(c.job_state_key(f"p{j}"), mapping={"owner": "t", "seq": 0, "status": "running"})
+            cpu0 = redis_snapshot(server)[0]
+            for seq in range(1, rounds + 1):
+                for first in range(0, jobs, per_call):
+                    keys: list[str] = []
+                    args: list[str | int] = [c.REPLAY_MAXLEN, c.JOB_TTL_S]
+                    for j in range(first, min(first + per_call, jobs)):
+                        keys += [c.job_state_key(f"p{j}"), c.job_events_key(f"p{j}"), c.job_cancel_key(f"p{j}")]
+                        args += ["t", body, seq]
+                    r.evalsha(sha, len(keys), *keys, *args)
+                while pubsub.get_sharded_message(timeout=0) is not None:
+                    pass
+            out[str(per_call)] = round((redis_snapshot(server)[0] - cpu0) * 1e6 / (jobs * rounds), 2)
+        pubsub.close()
+    finally:
+        server.kill()
+    return out
+
+
 def concurrent_streams(
     workdir: Path, ns: list[int], tokens: int = 200, interval_ms: int = 20, profile: Path | None = None
 ) -> dict[str, Any]:
@@ -284,6 +329,8 @@ def concurrent_streams(
         print(f"[bench] concurrent_streams N={n} …", flush=True)
         out[str(n)] = one_n(workdir, n, tokens, interval_ms, profile)
         print(json.dumps(out[str(n)]), flush=True)
+    out["redis_publish_us_per_event_by_events_per_call"] = publish_cost(workdir)
+    print(json.dumps(out["redis_publish_us_per_event_by_events_per_call"]), flush=True)
     return {"concurrent_streams": out}
 
 

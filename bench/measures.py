@@ -201,18 +201,18 @@ def ttft(workdir: Path, model_path: Path, device: str, requests: int) -> dict[st
 
 
 def _ttft_redis(r: redis.Redis, job: dict[str, Any]) -> float:
-    """The same job through Redis alone: subscribe, XADD, first delta on the channel."""
+    """The same job through Redis alone: subscribe, XADD, first delta on the channel (a shard channel: SSUBSCRIBE)."""
     pubsub = r.pubsub()
-    pubsub.subscribe(f"ivl:job:{{{job['id']}}}:chan")
-    pubsub.get_message(timeout=1)
+    pubsub.ssubscribe(f"ivl:job:{{{job['id']}}}:chan")
+    pubsub.get_sharded_message(timeout=1)
     t0 = time.perf_counter()
     r.xadd("ivl:jobs:tiny", {"job": json.dumps(job)})
     first = 0.0
     while True:
-        message = pubsub.get_message(timeout=10)
+        message = pubsub.get_sharded_message(timeout=10)
         if message is None:
             raise AssertionError("no event within 10 s")
-        if message["type"] != "message":
+        if message["type"] != "smessage":
             continue
         event = json.loads(message["data"])
         if not first and event["type"] == "delta" and event["text"]:

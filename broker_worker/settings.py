@@ -41,6 +41,9 @@ class WorkerSettings(RedisSettings):
     )
     max_batch_size: int = Field(default=1, ge=1, le=256, description="jobs batched into one generate (1 = off)")
     stream_interval_ms: int = Field(default=c.STREAM_INTERVAL_MS, ge=0, description="coalesce deltas this long")
+    publish_window_ms: float = Field(
+        default=c.PUBLISH_WINDOW_MS, ge=0, description="a busy worker sends its jobs' events together this often"
+    )
     lease_s: float = Field(default=c.LEASE_S, gt=0, description="idle time after which a job is taken over")
     lease_renew_s: float = Field(default=c.LEASE_RENEW_S, gt=0, description="lease renewal period")
     heartbeat_s: float = Field(default=c.HEARTBEAT_S, gt=0, description="health key refresh period")

@@ -55,7 +55,13 @@ class Worker:
         self._drained = False
         self._started_ms = now_ms()
         self._next_take_over = 0.0
-        self.runner = JobRunner(settings, engine, JobStore(redis, settings.job_ttl_s), self._executor(), self.worker_id)
+        self.runner = JobRunner(
+            settings,
+            engine,
+            JobStore(redis, settings.job_ttl_s, settings.publish_window_ms / 1000),
+            self._executor(),
+            self.worker_id,
+        )
 
     def _executor(self) -> ThreadPoolExecutor:
         # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).

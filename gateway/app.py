@@ -21,6 +21,7 @@ from gateway.errors import fastchat_chunk, fastchat_error, openai_error
 from gateway.metrics import Metrics
 from gateway.service import GatewayService
 from gateway.settings import GatewaySettings
+from gateway.streaming import GatewayApp
 
 
 class BodyLimit:
@@ -93,7 +94,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await app.state.bridge.close()
         await client.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="InternVL Redis gateway",
         version="0.1.0",
         lifespan=lifespan,

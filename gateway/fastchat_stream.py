@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring as quote  # json.dumps(str, ensure_ascii=False), minus its wrappers
 
 from redis.exceptions import RedisError
 
@@ -66,4 +67,4 @@ class _DeltaFrame:
 
 def _escape(text: str) -> str:
     """``text`` as the inside of a JSON string literal (``json.dumps(text, ensure_ascii=False)`` unquoted)."""
-    return json.dumps(text, ensure_ascii=False)[1:-1]
+    return quote(text)[1:-1]

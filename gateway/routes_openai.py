@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring as quote  # json.dumps(str, ensure_ascii=False), minus its wrappers
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from broker_worker.protocol.errors import ErrorCode, JobError
@@ -16,6 +17,7 @@ from broker_worker.protocol.messages import Event, Job, Usage
 from gateway.deps import get_service
 from gateway.errors import openai_error
 from gateway.service import GatewayService
+from gateway.streaming import RelayResponse
 from gateway.validation import OpenAIChatRequest, openai_job, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -41,7 +43,7 @@ async def chat_completions(request: OpenAIChatRequest, service: Service) -> Resp
     service.metrics.requests.labels("chat_completions", "accepted").inc()
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return StreamingResponse(_sse(events, job, include_usage), media_type="text/event-stream")
+        return RelayResponse(_sse(events, job, include_usage), media_type="text/event-stream")
     return await _complete(service, job)
 
 
@@ -89,7 +91,7 @@ async def _sse(events: AsyncIterator[Event], job: Job, include_usage: bool) -> A
     middle += '{"content": '
 
     def delta(piece: str) -> bytes:
-        content = json.dumps(piece, ensure_ascii=False)
+        content = quote(piece)
         return (head + str(int(time.time())) + middle + content + '}, "finish_reason": null}]}\n\n').encode()
 
     yield chunk({"role": "assistant", "content": ""})

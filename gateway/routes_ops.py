@@ -17,6 +17,7 @@ from gateway.deps import get_service
 from gateway.errors import fastchat_error
 from gateway.fastchat_stream import fastchat_chunks
 from gateway.service import GatewayService
+from gateway.streaming import RelayResponse
 
 router = APIRouter(tags=["operations"])
 Service = Annotated[GatewayService, Depends(get_service)]
@@ -65,9 +66,7 @@ async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Q
         return fastchat_error(
             JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"), status_code=404
         )
-    return StreamingResponse(
-        fastchat_chunks(service.resume(job_id, after), job_id), media_type="application/octet-stream"
-    )
+    return RelayResponse(fastchat_chunks(service.resume(job_id, after), job_id), media_type="application/octet-stream")
 
 
 @router.post("/jobs/{job_id}/cancel")

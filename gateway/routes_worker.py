@@ -17,6 +17,7 @@ from gateway.errors import fastchat_error
 from gateway.fastchat_conv import conv_template
 from gateway.fastchat_stream import fastchat_chunks
 from gateway.service import GatewayService
+from gateway.streaming import RelayResponse
 from gateway.validation import CountRequest, GenerateRequest, build_job, count_prompt, worker_job
 
 router = APIRouter(tags=["worker protocol"])
@@ -66,7 +67,7 @@ async def worker_generate_stream(body: GenerateBody, service: Service) -> Respon
         service.metrics.requests.labels("worker_generate_stream", "refused").inc()
         return fastchat_error(exc)
     service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
-    return StreamingResponse(
+    return RelayResponse(
         fastchat_chunks(events, job.id, body.echo_text),
         media_type="application/octet-stream",
         headers={"X-Job-Id": job.id},

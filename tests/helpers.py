@@ -130,7 +130,9 @@ class Proc:
 def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
     log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
     handle = log_path.open("wb")
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # This checkout's code first, even where the venv's package is installed from another one (a shared venv)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})}
     popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
     return Proc(name, popen, log_path)
 

@@ -100,6 +100,57 @@ async def test_two_workers_handed_one_entry_at_once_count_one_attempt(ar: aiored
     assert (await store.start("twice", "1-0", "c", "w3", 0, fresh_run_ms=0)).attempts == 2  # a real take-over
 
 
+async def test_events_of_many_jobs_go_in_one_call_each_applied_alone(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """A worker's concurrent publishes share one script call (protocol/publish_batch.py), yet each keeps its own
+    fencing, expected seq and cancel check, and its own result."""
+    store = JobStore(ar)
+    for k in range(6):
+        await store.start(f"b{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    await store.start("b1", "2-0", "token-new", "worker-b", 0)  # b1 taken over: token-1 is fenced
+    r.set(c.job_cancel_key("b2"), 1)
+    assert await store.publish("b3", "token-3", Delta(text="first "), 1) == 1
+    r.config_resetstat()
+    results = await asyncio.gather(
+        *(store.publish(f"b{k}", f"token-{k}", Delta(text=f"text {k} "), 1) for k in range(6))
+    )
+    assert results == [1, FENCED, CANCELLED, 1, 1, 1]  # b3: a repeat of its seq 1, applied once already
+    calls = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
+    assert calls == 1, f"{calls} script calls for 6 concurrent events"
+    texts = {k: [json.loads(f["e"])["text"] for _, f in r.xrange(c.job_events_key(f"b{k}"))] for k in range(6)}
+    assert texts == {0: ["text 0 "], 1: [], 2: [], 3: ["first "], 4: ["text 4 "], 5: ["text 5 "]}
+
+
+async def test_a_busy_worker_publishes_at_most_once_per_window(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """``--publish-window-ms``: the first event after a quiet spell goes at once; events that come within the
+    window after a call began share the next call."""
+    store = JobStore(ar, publish_window_s=0.5)
+    for k in range(7):
+        await store.start(f"w{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    assert await store.publish("w6", "token-6", Delta(text="loads the script "), 1) == 1
+    await asyncio.sleep(0.6)  # a quiet spell
+    r.config_resetstat()
+    assert await store.publish("w0", "token-0", Delta(text="first "), 1) == 1
+    assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 1
+    later = []
+    for k in range(1, 6):  # one by one, as tokens of separate jobs come: they wait for the window and go together
+        later.append(asyncio.create_task(store.publish(f"w{k}", f"token-{k}", Delta(text="next "), 1)))
+        await asyncio.sleep(0.01)
+    assert await asyncio.gather(*later) == [1] * 5
+    assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
+
+
+async def test_a_script_error_fails_only_its_own_event(ar: aioredis.Redis, r: redis.Redis) -> None:
+    store = JobStore(ar)
+    for k in range(3):
+        await store.start(f"e{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    r.set(c.job_events_key("e1"), "not a stream")  # XADD on it is a WRONGTYPE error inside the script
+    results = await asyncio.gather(
+        *(store.publish(f"e{k}", f"token-{k}", Delta(text="x "), 1) for k in range(3)), return_exceptions=True
+    )
+    assert results[0] == 1 and results[2] == 1
+    assert isinstance(results[1], redis.ResponseError) and "WRONGTYPE" in str(results[1])
+
+
 async def test_replay_stream_is_capped_at_20000_events(ar: aioredis.Redis, r: redis.Redis) -> None:
     store = JobStore(ar)
     await store.start("long", "1-0", "t", "w", 0)

@@ -21,6 +21,7 @@ from broker_worker.protocol import health, jobs
 from broker_worker.protocol.cluster_pubsub import subscriber_for
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.inbox import Inbox
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 from broker_worker.protocol.pubsub import RESYNC
@@ -105,7 +106,7 @@ class AsyncClient:
     async def _events(
         self,
         job_id: str,
-        queue: asyncio.Queue[str],
+        queue: Inbox,
         after_seq: int,
         start_timeout_s: float | None = None,
         idle_timeout_s: float | None = None,
@@ -129,18 +130,10 @@ class AsyncClient:
             _check_timeouts(job_id, received, started, last_event_at, start_timeout_s, idle_timeout_s)
             pending = await self._next(job_id, queue, delivered)
 
-    async def _next(self, job_id: str, queue: asyncio.Queue[str], delivered: Delivered) -> list[Event]:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every get in a new Task, which was a
-        # measurable share of the gateway's CPU per relayed event (bench/capacity.py).
-        try:
-            if queue.empty():
-                async with asyncio.timeout(self.poll_s):
-                    raw = await queue.get()
-            else:
-                raw = queue.get_nowait()
-        except TimeoutError:
-            return await self._recheck(job_id, delivered)
-        if raw == RESYNC:
+    async def _next(self, job_id: str, queue: Inbox, delivered: Delivered) -> list[Event]:
+        # Inbox.next: no timer per event (bench/capacity.py measures the gateway's CPU per relayed event)
+        raw = await queue.next(self.poll_s)
+        if raw is None or raw == RESYNC:
             return await self._recheck(job_id, delivered)
         event = parse_event(raw)
         if event.seq > delivered.last + 1:

@@ -15,6 +15,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from broker_worker.protocol.aio import stop
+from broker_worker.protocol.inbox import Inbox
 from broker_worker.protocol.pubsub import MAX_BACKOFF_S, Subscriber, Subscription
 
 log = logging.getLogger("broker_worker.protocol.cluster_pubsub")
@@ -28,7 +29,7 @@ class _NodeSubscriber(Subscriber):
         self.node = node
         self._cluster = cluster
 
-    def add(self, channel: str, queues: set[asyncio.Queue[str]], resync: bool) -> None:
+    def add(self, channel: str, queues: set[Inbox], resync: bool) -> None:
         self._wanted[channel] = queues  # the set is shared with the ClusterSubscriber: one record of readers
         if resync:  # it moved here from another node: events published meanwhile were not delivered
             self._resync.add(channel)
@@ -66,7 +67,7 @@ class ClusterSubscriber:
 
     def __init__(self, redis: aioredis.RedisCluster) -> None:
         self._redis = redis
-        self._wanted: dict[str, set[asyncio.Queue[str]]] = {}
+        self._wanted: dict[str, set[Inbox]] = {}
         self._where: dict[str, _NodeSubscriber] = {}
         self._nodes: dict[str, _NodeSubscriber] = {}
         self._homeless: set[str] = set()  # wanted before the slot map was known

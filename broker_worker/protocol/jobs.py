@@ -17,6 +17,8 @@ from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
+from broker_worker.protocol.publish_batch import PublishBatcher
+from broker_worker.protocol.script_pipeline import evalsha_pipeline
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
 
 FENCED = PublishRefused.FENCED
@@ -58,11 +60,16 @@ class StartDecision:
 class JobStore:
     """The Lua scripts, registered once on an asyncio Redis client."""
 
-    def __init__(self, redis: aioredis.Redis, job_ttl_s: int = c.JOB_TTL_S) -> None:
+    def __init__(self, redis: aioredis.Redis, job_ttl_s: int = c.JOB_TTL_S, publish_window_s: float = 0.0) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
         self._start = redis.register_script(lua("start"))
         self._publish = redis.register_script(lua("publish"))
+        # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
+        # slot of their own, so there each event is a call of its own.
+        common: list[str | int] = [c.REPLAY_MAXLEN, job_ttl_s]
+        batcher = PublishBatcher(redis, self._publish, common, publish_window_s)
+        self._publish_batch = None if is_cluster(redis) else batcher
         self._renew = redis.register_script(lua("renew"))
         self._release = redis.register_script(lua("release"))
         self._mark_queued = redis.register_script(lua("mark_queued"))
@@ -85,10 +92,12 @@ class JobStore:
         re-sent after a timeout is applied once). Returns the seq, or FENCED / CANCELLED."""
         k = JobKeys.of(job_id)
         body = event.model_dump_json(exclude={"seq"})  # '{"type":"…",…}': the script puts the seq first
-        result = await self._publish(
-            keys=[k.state, k.events, k.cancel], args=[token, body[1:], c.REPLAY_MAXLEN, self.job_ttl_s, seq]
-        )
-        return int(result)
+        keys = [k.state, k.events, k.cancel]
+        args: list[str | int] = [token, body[1:], seq]
+        if self._publish_batch is not None:
+            return await self._publish_batch.publish(keys, args)
+        results = await self._publish(keys=keys, args=[c.REPLAY_MAXLEN, self.job_ttl_s, *args])
+        return int(results[0])
 
     async def renew(self, job_id: str, token: str) -> Ownership:
         k = JobKeys.of(job_id)
@@ -117,11 +126,15 @@ class JobStore:
                 self._mark_queued(keys=[k.state, k.events], args=mark_args),
                 self._enqueue(keys=[c.job_stream(job.model, job.priority)], args=enqueue_args),
             )
-        else:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._mark_queued(keys=[k.state, k.events], args=mark_args, client=pipe)
-                await self._enqueue(keys=[c.job_stream(job.model, job.priority)], args=enqueue_args, client=pipe)
-                marked, entry = await pipe.execute()
+        else:  # one round trip (a script pipeline of redis-py's would ask SCRIPT EXISTS first: two)
+            calls = [
+                (self._mark_queued, [k.state, k.events], mark_args),
+                (self._enqueue, [c.job_stream(job.model, job.priority)], enqueue_args),
+            ]
+            marked, entry = await evalsha_pipeline(self.redis, calls)
+            for result in (marked, entry):
+                if isinstance(result, Exception):
+                    raise result
         if isinstance(entry, list):  # ['full', depth]
             if marked:  # nothing was queued: do not leave a 'queued' marker behind
                 await self.redis.delete(k.state)

@@ -23,10 +23,12 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from broker_worker.protocol.aio import stop, wait_done
+from broker_worker.protocol.inbox import Inbox
 
 log = logging.getLogger("broker_worker.protocol.pubsub")
 
@@ -37,6 +39,7 @@ PING_AFTER_S = 15.0  # a connection silent this long is probed with PING …
 DEAD_AFTER_S = 30.0  # … and replaced when still silent this long
 BATCH = 500  # channels per SSUBSCRIBE / SUNSUBSCRIBE command (one node; on a cluster, channels of one node)
 MAX_BACKOFF_S = 2.0
+READ_BYTES = 1 << 16
 
 
 class _Registry(Protocol):
@@ -50,7 +53,7 @@ class Subscription:
 
     def __init__(self, subscriber: _Registry, channel: str) -> None:
         self.channel = channel
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queue = Inbox()
         self._subscriber = subscriber
         self._closed = False
 
@@ -62,6 +65,7 @@ class Subscription:
         if not self._closed:
             self._closed = True
             self._subscriber.remove(self)
+            self.queue.close()
 
     def __enter__(self) -> Subscription:
         return self
@@ -75,7 +79,7 @@ class Subscription:
 class Subscriber:
     def __init__(self, redis: aioredis.Redis | None) -> None:
         self._pool = redis.connection_pool if redis is not None else None
-        self._wanted: dict[str, set[asyncio.Queue[str]]] = {}
+        self._wanted: dict[str, set[Inbox]] = {}
         self._sent: set[str] = set()  # channels whose last command on this connection was SUBSCRIBE
         self._inflight: dict[str, int] = {}  # commands sent on this connection and not answered yet
         self._live: set[str] = set()
@@ -219,6 +223,45 @@ class Subscriber:
         return self._conn
 
     async def _read(self, conn: Any) -> None:
+        stream = getattr(conn, "_reader", None)
+        if isinstance(stream, asyncio.StreamReader):
+            await self._read_raw(conn, stream)
+        else:  # pragma: no cover - a connection class without the asyncio stream redis-py uses today
+            await self._read_replies(conn)
+
+    async def _read_raw(self, conn: Any, stream: asyncio.StreamReader) -> None:
+        """Every reply on the connection, parsed straight from its socket: each read (many messages when busy)
+        is fed to one hiredis reader and every complete reply handled at once. redis-py's ``read_response``
+        costs a timeout context, several calls and a debug log string per message, which was most of the
+        gateway's pub/sub share per event. Only this task reads the connection (the writer only writes), and
+        redis-py has read nothing past the connection's handshake, so nothing is lost or read twice."""
+        reader = hiredis.Reader(encoding=conn.encoder.encoding, errors=conn.encoder.encoding_errors)
+        loop = asyncio.get_running_loop()
+        heard, pinged = loop.time(), False
+        while True:
+            reply = reader.gets()
+            while reply is not False:
+                if isinstance(reply, Exception):
+                    raise ResponseError(str(reply))
+                self._handle(reply)
+                reply = reader.gets()
+            data = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(READ_POLL_S):
+                    data = await stream.read(READ_BYTES)
+            if data == b"":
+                raise OSError("pub/sub connection closed by Redis")
+            now = loop.time()
+            if data is not None:
+                reader.feed(data)
+                heard, pinged = now, False
+            elif now - heard > DEAD_AFTER_S:
+                raise OSError(f"pub/sub connection silent for {DEAD_AFTER_S:.0f}s")
+            elif now - heard > PING_AFTER_S and not pinged:
+                await conn.send_command("PING", check_health=False)
+                pinged = True
+
+    async def _read_replies(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
         heard, pinged = loop.time(), False
         while True:
