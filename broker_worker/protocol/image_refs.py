@@ -18,6 +18,7 @@ from broker_worker.protocol import constants as c
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.images import content_key
 from broker_worker.protocol.messages import Job
+from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
 
 REF_PREFIX = "sha256:"
 #: An image key lives this long after its last use (a store or a job that read it).
@@ -33,13 +34,19 @@ def is_ref(image: str) -> bool:
     return image.startswith(REF_PREFIX) and len(image) == len(REF_PREFIX) + 64
 
 
-async def store_images(redis: aioredis.Redis, job: Job, ttl_s: int = IMAGE_TTL_S) -> Job:
+async def store_images(redis: aioredis.Redis, job: Job, ttl_s: int = IMAGE_TTL_S, ack: ReplicaAck | None = None) -> Job:
     """The job with each inline image stored once (``SET … EX``, which also refreshes a known image's TTL) and
-    replaced by its reference. The stores run in parallel (one per distinct image)."""
+    replaced by its reference. The stores run in parallel (one per distinct image); with ``ack`` wanted
+    (``--min-replicas-ack``), each is followed by ``WAIT`` on its connection and a shortfall is reported."""
     inline = {content_key(b64): b64 for m in job.prompt for b64 in m.image if not is_ref(b64)}
     if not inline:
         return job
-    await asyncio.gather(*(redis.set(image_key(d), b64, ex=ttl_s) for d, b64 in inline.items()))
+    if ack is not None and ack.wanted:
+        writes: list[Write] = [(image_key(d), ("SET", image_key(d), b64, "EX", ttl_s)) for d, b64 in inline.items()]
+        _, acked = await write_and_wait(redis, writes, ack)
+        ack.check(job.id, job.model, acked, "images")
+    else:
+        await asyncio.gather(*(redis.set(image_key(d), b64, ex=ttl_s) for d, b64 in inline.items()))
     prompt = [
         m.model_copy(update={"image": [b if is_ref(b) else REF_PREFIX + content_key(b) for b in m.image]})
         if m.image
