@@ -311,11 +311,15 @@ async def retry(ctx: Ctx, trace: Trace) -> str:
     """Re-send the same job_id, then let the stale first connection go: the retry must get the whole answer."""
     job_id, body = ctx.new_job(trace)
     async with ctx.post(CHUNKS_PATH, body) as stale:
-        await read_chunks(ChunkReader(stale), limit=ctx.rng.randint(1, 3))
+        # Keep the reader: a dropped one's byte iterator is finalised by asyncio, which closes the connection,
+        # so the stale request would hang up before the retry is even sent (and rightly cancel the job).
+        stale_reader = ChunkReader(stale)
+        await read_chunks(stale_reader, limit=ctx.rng.randint(1, 3))
         async with ctx.post(CHUNKS_PATH, body) as again:
             reader = ChunkReader(again)
             chunks = await read_chunks(reader, limit=1)
             await stale.aclose()
+            del stale_reader
             if chunks and not is_last(chunks[-1]):
                 chunks += await read_chunks(reader)
     return judge_chunks(ctx.tally, job_id, chunks, cancel_ok=False)

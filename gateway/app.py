@@ -81,7 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         metrics = Metrics()
         ack = ReplicaAck(settings.min_replicas_ack, settings.replica_ack_timeout_s, on_short=metrics.count_unreplicated)
-        client = AsyncClient(redis, replica_ack=ack)
+        client = AsyncClient(redis, hangup_grace_s=settings.hangup_grace_s, replica_ack=ack)
         service = GatewayService(settings, client, metrics)
         app.state.service = service
         bridge_task = None

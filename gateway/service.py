@@ -52,6 +52,7 @@ class GatewayService:
         self.metrics = metrics
         self._status: Status | None = None
         self._status_at = 0.0
+        self._last_served: dict[str, float] = {}  # model -> when a live worker last served it (monotonic)
 
     @property
     def draining(self) -> bool:
@@ -67,6 +68,7 @@ class GatewayService:
         models = sorted({w.model for w in workers})
         queues = await self.client.queue_lengths(models)
         self._status, self._status_at = Status(workers, queues), time.monotonic()
+        self._last_served.update(dict.fromkeys(self._status.model_names, self._status_at))
         return self._status
 
     async def recent_status(self, model: str) -> Status:
@@ -84,9 +86,16 @@ class GatewayService:
             status = await self.recent_status(model)
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
-        if model not in status.model_names:
+        if model not in status.model_names and not self._served_lately(model):
             served = ", ".join(status.model_names) or "none"
             raise JobError(ErrorCode.INVALID_MODEL, f"no live worker serves model {model!r} (served: {served})")
+
+    def _served_lately(self, model: str) -> bool:
+        """A model whose workers lapsed only moments ago is still admitted: its jobs wait in the queue. A Redis
+        stall longer than the health TTL lapses every worker's health key at once, and they come back with their
+        next heartbeat; refusing in between would fail requests that a worker takes seconds later."""
+        seen = self._last_served.get(model)
+        return seen is not None and time.monotonic() - seen < self.settings.admit_grace_s
 
     async def start(self, job: Job) -> AsyncIterator[Event]:
         """Queue the job now, so a refusal (42903: the queue is full, checked atomically in Redis) is a JobError

@@ -26,6 +26,18 @@ class GatewaySettings(RedisSettings):
     max_image_pixels: int = Field(default=50_000_000, ge=1, description="pixels per image")
     max_new_tokens: int = Field(default=4096, ge=1, description="largest max_new_tokens / max_tokens")
     max_queue: int = Field(default=256, ge=1, description="queued + running jobs per model before 42903")
+    admit_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="a model served this recently is still admitted while no worker is listed (a Redis stall "
+        "lapses every worker's health key at once); 0: refuse at once",
+    )
+    hangup_grace_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="a job whose client hung up is cancelled this much later, unless a retry or resume of its id "
+        "(through any gateway) reads it by then; 0: at once",
+    )
     start_timeout_s: float = Field(default=120.0, gt=0, description="a job no worker starts in this time fails")
     idle_timeout_s: float = Field(default=120.0, gt=0, description="a started job silent this long fails")
     redis_max_connections: int = Field(

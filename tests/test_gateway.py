@@ -379,8 +379,10 @@ def test_schemathesis_finds_no_server_error(start_worker, start_gateway, tmp_pat
             "25",
             "--phases",
             "examples,coverage,fuzzing",
+            # one worker thread: two threads parsing at once trip CPython 3.11's "AST constructor recursion depth
+            # mismatch" SystemError inside schemathesis (seen here: a runtime error, not a server error)
             "--workers",
-            "2",
+            "1",
             "--request-timeout",
             "20",
             "--suppress-health-check",

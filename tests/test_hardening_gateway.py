@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -107,6 +108,77 @@ def test_retry_through_another_gateway_is_not_cancelled_by_the_stale_hang_up(  #
     assert last["error_code"] == 0 and last["finish_reason"] == "length"
     assert r.exists("ivl:job:{order-7}:cancel") == 0
     wait_for(lambda: r.exists(job_readers_key("order-7")) == 0, 10, "the last reader to leave")
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 3.0])
+def test_a_retry_sent_after_the_hang_up_keeps_its_job_within_the_grace(  # type: ignore[no-untyped-def]
+    start_worker, start_gateway, r: redis.Redis, grace_s: float
+) -> None:
+    """The connection drops first, the client retries the same id after: within --hangup-grace-s the retry's
+    reader joins before the stale one leaves, so it streams the whole answer; with no grace it finds the job
+    cancelled (which is what clients of a gateway without the grace saw)."""
+    start_worker(delay=0.02)
+    stale_gateway, first = start_gateway("--hangup-grace-s", str(grace_s))
+    _, second = start_gateway()
+    request = payload("retry me late", 400, job_id=f"late-{grace_s}")
+    stale = raw_request(port_of(first), request)
+    assert stale.recv(1024).startswith(b"HTTP/1.1 200")
+    hang_up(stale)
+    channel = f"ivl:job:{{late-{grace_s}}}:chan"
+    wait_for(lambda: r.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 0, 10, "the stale request's end")
+    if not grace_s:
+        stale_gateway.wait_log(f"job late-{grace_s} cancelled: its client went away")
+    with httpx.stream("POST", second + "/worker_generate_stream", json=request, timeout=60) as retry:
+        received = retry.iter_raw()
+        head = next(received)
+        if grace_s:
+            stale_gateway.wait_log(f"job late-{grace_s}: its client went away; 1 other reader")
+        last = chunks(head + b"".join(received))[-1]
+    assert last["finish_reason"] == ("length" if grace_s else "cancelled")
+    assert r.exists(f"ivl:job:{{late-{grace_s}}}:cancel") == (0 if grace_s else 1)
+
+
+async def test_a_reader_leaving_after_its_job_ended_sets_no_cancel_key(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    client = async_redis(redis_server.url)
+    readers = Readers(client, hangup_grace_s=0)
+    try:
+        r.hset("ivl:job:{ended}:state", "status", "done")
+        reader = readers.new("ended")
+        await readers.join(reader)
+        assert await readers.leave(reader, cancel=True) is True  # nobody left...
+        assert r.exists("ivl:job:{ended}:cancel") == 0  # ...but the job had ended: nothing to cancel
+    finally:
+        await readers.close()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 30.0])
+def test_a_model_whose_workers_lapsed_a_moment_ago_is_still_admitted(  # type: ignore[no-untyped-def]
+    start_worker, start_gateway, r: redis.Redis, grace_s: float
+) -> None:
+    """A Redis stall past the health TTL lapses every worker's health key at once; until their next heartbeat no
+    worker is listed. Within --admit-grace-s of last seeing the model, the gateway queues instead of refusing."""
+    worker = start_worker(delay=0.01)
+    _, base = start_gateway("--admit-grace-s", str(grace_s))
+    wait_for(lambda: served_models(base) == ["fake"], 30, "the gateway to see the model")
+    worker.signal(signal.SIGSTOP)  # no heartbeat from now on...
+    try:
+        (worker_id,) = r.zrange("ivl:workers", 0, -1)
+        r.delete(f"ivl:worker:{worker_id}")  # ...and its health lapsed, as after a long stall
+        r.zrem("ivl:workers", worker_id)
+        wait_for(lambda: served_models(base) == [], 10, "the gateway to list no worker")
+        with httpx.stream("POST", base + "/worker_generate_stream", json=payload("lapsed", 5), timeout=60) as answer:
+            status = answer.status_code
+            worker.signal(signal.SIGCONT)
+            last = chunks(answer.read())[-1]
+    finally:
+        worker.signal(signal.SIGCONT)
+    if grace_s:
+        assert (status, last["error_code"], last["finish_reason"]) == (200, 0, "length")
+    else:
+        assert (status, last["error_code"]) == (404, 40301)
 
 
 async def test_only_the_last_live_reader_cancels(redis_server: RedisServer, r: redis.Redis) -> None:

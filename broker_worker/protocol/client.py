@@ -24,7 +24,7 @@ from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 from broker_worker.protocol.pubsub import RESYNC
-from broker_worker.protocol.readers import Readers
+from broker_worker.protocol.readers import HANGUP_GRACE_S, Readers
 from broker_worker.protocol.replica_ack import ReplicaAck, write_and_wait_sync
 
 log = logging.getLogger("broker_worker.protocol.client")
@@ -34,12 +34,19 @@ class AsyncClient:
     """``replica_ack`` (``--min-replicas-ack``): each submission waits for that many replicas; a job they did not
     acknowledge in time is queued all the same, logged and counted (``replica_ack.short``)."""
 
-    def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0, replica_ack: ReplicaAck | None = None) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        poll_s: float = 1.0,
+        hangup_grace_s: float = HANGUP_GRACE_S,
+        replica_ack: ReplicaAck | None = None,
+    ) -> None:
         self.redis = redis
         self.replica_ack = replica_ack or ReplicaAck()
         self.store = jobs.JobStore(redis, replica_ack=self.replica_ack)
         self.subscriber = subscriber_for(redis)
-        self.readers = Readers(redis)
+        self.readers = Readers(redis, hangup_grace_s=hangup_grace_s)
         self.poll_s = poll_s
         #: Cancel a job whose ``generate`` stream is given up before its end (its caller went away), unless
         #: another reader still reads it. The gateway turns it off while it shuts down: clients resume by id.
@@ -75,7 +82,7 @@ class AsyncClient:
             yield event
 
     async def _run(self, job: Job, max_queue: int, timeouts: dict[str, float | None]) -> AsyncIterator[Event | None]:
-        reader, queued, finished = self.readers.new(job.id), False, False
+        reader, queued, finished, gave_up = self.readers.new(job.id), False, False, False
         try:
             with self.subscriber.open(c.job_channel(job.id)) as subscription:
                 steps = subscription.confirmed(), self.submit(job, max_queue), self.readers.join(reader)
@@ -84,11 +91,16 @@ class AsyncClient:
                     raise error
                 queued = True
                 yield None
-                async for event in self._events(job.id, subscription.queue, 0, **timeouts):
-                    finished = is_terminal(event)
-                    yield event
+                try:
+                    async for event in self._events(job.id, subscription.queue, 0, **timeouts):
+                        finished = is_terminal(event)
+                        yield event
+                except JobError:  # the caller is told the job failed (e.g. not started in time): no grace
+                    gave_up = True
+                    raise
         finally:  # a refused submission cancels nothing: the id may be another request's running job
-            self.readers.leave_later(reader, cancel=self.cancel_abandoned and queued and not finished)
+            cancel = self.cancel_abandoned and queued and not finished
+            self.readers.leave_later(reader, cancel=cancel, grace=not gave_up)
 
     async def stream(self, job_id: str, after_seq: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
         """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one.

@@ -7,11 +7,16 @@ reader, drop expired ones, and only when none is left and the leaving reader's c
 key. So two requests for one id (a client's retry, through this gateway or another) never cancel each other,
 and a gateway that dies stops renewing: its readers expire after ``READER_TTL_S``. The key expires with its
 last reader.
+
+A reader whose client went away leaves ``HANGUP_GRACE_S`` later (still renewed meanwhile): a client whose
+connection dropped and that retries the same id, or resumes it by id, within that time finds its job running
+rather than cancelled, because its new reader joined before the old one left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import uuid
@@ -27,6 +32,7 @@ log = logging.getLogger("broker_worker.protocol.readers")
 
 READER_TTL_S = 30.0
 READER_RENEW_S = 10.0
+HANGUP_GRACE_S = 1.0
 
 _NOW_MS = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 #: KEYS: readers. ARGV: reader, ttl ms. Redis' clock, so gateways with skewed clocks agree.
@@ -36,13 +42,19 @@ JOIN = (
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1"""
 )
-#: KEYS: readers, cancel. ARGV: reader, "1" to cancel when nobody is left, cancel TTL s. Returns readers left.
+#: KEYS: readers, cancel, job state. ARGV: reader, "1" to cancel when nobody is left, cancel TTL s. Returns readers
+#: left. A job that ended meanwhile (e.g. during the hang-up grace) gets no cancel key.
 LEAVE = (
     _NOW_MS
     + """redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local left = redis.call('ZCARD', KEYS[1])
-if left == 0 and ARGV[2] == '1' then redis.call('SET', KEYS[2], '1', 'EX', ARGV[3]) end
+if left == 0 and ARGV[2] == '1' then
+  local status = redis.call('HGET', KEYS[3], 'status')
+  if status ~= 'done' and status ~= 'failed' and status ~= 'cancelled' then
+    redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+  end
+end
 return left"""
 )
 
@@ -55,8 +67,15 @@ def job_readers_key(job_id: str) -> str:
 class Readers:
     """This process's readers: join, renew in the background, leave (cancelling an abandoned job)."""
 
-    def __init__(self, redis: aioredis.Redis, ttl_s: float = READER_TTL_S, renew_s: float = READER_RENEW_S) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        ttl_s: float = READER_TTL_S,
+        renew_s: float = READER_RENEW_S,
+        hangup_grace_s: float = HANGUP_GRACE_S,
+    ) -> None:
         self._redis = redis
+        self.hangup_grace_s = hangup_grace_s
         self._ttl_ms = int(ttl_s * 1000)
         self._renew_s = renew_s
         self._prefix = uuid.uuid4().hex[:12]
@@ -66,6 +85,7 @@ class Readers:
         self._leave = redis.register_script(LEAVE)
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()  # cuts the hang-up grace short: leave now, the process is going away
 
     def __len__(self) -> int:
         return len(self._active)
@@ -89,7 +109,7 @@ class Readers:
         job_id = self._active.pop(reader, None)
         if job_id is None:
             return False
-        keys = [job_readers_key(job_id), c.job_cancel_key(job_id)]
+        keys = [job_readers_key(job_id), c.job_cancel_key(job_id), c.job_state_key(job_id)]
         left = int(await self._leave(keys=keys, args=[reader, "1" if cancel else "0", c.JOB_TTL_S]))
         if cancel:
             if left:
@@ -98,13 +118,19 @@ class Readers:
                 log.info("job %s cancelled: its client went away", job_id)
         return cancel and left == 0
 
-    def leave_later(self, reader: str, *, cancel: bool) -> None:
-        """``leave`` as its own task, for finally blocks (the request's task may itself be cancelled)."""
-        task = asyncio.get_running_loop().create_task(self._leave_logged(reader, cancel))
+    def leave_later(self, reader: str, *, cancel: bool, grace: bool = True) -> None:
+        """``leave`` as its own task, for finally blocks (the request's task may itself be cancelled). A cancelling
+        leave waits ``hangup_grace_s`` first unless ``grace`` is off (the job was given up, not hung up on)."""
+        delay = self.hangup_grace_s if cancel and grace else 0.0
+        task = asyncio.get_running_loop().create_task(self._leave_logged(reader, cancel, delay))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _leave_logged(self, reader: str, cancel: bool) -> None:
+    async def _leave_logged(self, reader: str, cancel: bool, delay: float) -> None:
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):  # a retry of the same id may join meanwhile
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
         try:
             await self.leave(reader, cancel=cancel)
         except (RedisError, OSError) as exc:  # its entry expires after READER_TTL_S; a cancel is lost
@@ -129,7 +155,8 @@ class Readers:
             await pipe.execute()
 
     async def close(self) -> None:
-        """Finish the leaves in flight (bounded), then stop renewing."""
+        """Finish the leaves in flight now (bounded), then stop renewing."""
+        self._closing.set()
         if self._background:
             await asyncio.wait(self._background, timeout=2.0)
         if self._renewer is not None:
