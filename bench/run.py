@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import batch, capacity, measures, refusals
+from bench import batch, capacity, cluster, measures, refusals
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 GOALS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -80,6 +80,7 @@ def main() -> None:
             "batch": lambda: batch.throughput(workdir),
             "lanes": lambda: batch.lanes(workdir),
             "concurrent_streams": lambda: capacity.concurrent_streams(workdir, args.streams),
+            "cluster": lambda: cluster.measure(workdir),
         }
         results: dict[str, Any] = {}
         for name, step in steps.items():

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid
+from broker_worker.protocol.replica_ack import ReplicaAck
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.auth import TokenAuth
 from gateway.controller_bridge import ControllerBridge
@@ -79,8 +80,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             max_connections=settings.redis_max_connections,
             pool_timeout_s=settings.redis_pool_timeout_s,
         )
-        client = AsyncClient(redis, hangup_grace_s=settings.hangup_grace_s)
-        service = GatewayService(settings, client, Metrics())
+        metrics = Metrics()
+        ack = ReplicaAck(settings.min_replicas_ack, settings.replica_ack_timeout_s, on_short=metrics.count_unreplicated)
+        client = AsyncClient(redis, hangup_grace_s=settings.hangup_grace_s, replica_ack=ack)
+        service = GatewayService(settings, client, metrics)
         app.state.service = service
         bridge_task = None
         if settings.controller_address:

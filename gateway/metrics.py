@@ -34,6 +34,12 @@ class Metrics:
             registry=r,
             buckets=(1, 5, 10, 25, 50, 100, 200, 500, 1000, 5000),
         )
+        self.unreplicated = Counter(
+            "gateway_unreplicated_writes",
+            "Jobs (what=job) or their images (what=images) queued without the --min-replicas-ack acknowledgement",
+            ["model", "what"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "broker_queue_depth", "Interactive jobs queued or running per model", ["model"], registry=r
         )
@@ -50,6 +56,9 @@ class Metrics:
             "gateway_pubsub_channels", "Job channels this gateway's streams are subscribed to", registry=r
         )
         self.job_readers = Gauge("gateway_job_readers", "Streams of this gateway registered as job readers", registry=r)
+
+    def count_unreplicated(self, model: str, what: str) -> None:
+        self.unreplicated.labels(model, what).inc()
 
     def set_workers(self, workers: list[WorkerHealth], queues: dict[str, int]) -> None:
         self.live_workers.clear()

@@ -102,7 +102,8 @@ class GatewayService:
         before any response starts; return its events. A client that goes away cancels the job unless another
         reader still wants it (``AsyncClient.start``). The stream ends with a terminal event or JobError."""
         try:
-            job = await store_images(self.client.redis, job)  # each image once in Redis; the job carries references
+            # each image once in Redis; the job carries references
+            job = await store_images(self.client.redis, job, ack=self.client.replica_ack)
             events = await self.client.start(job, self.settings.max_queue, **self._timeouts())
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc

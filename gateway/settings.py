@@ -46,6 +46,14 @@ class GatewaySettings(RedisSettings):
     redis_pool_timeout_s: float = Field(
         default=20.0, gt=0, description="a request waiting this long for a Redis connection fails (50001)"
     )
+    min_replicas_ack: int = Field(
+        default=0,
+        ge=0,
+        description="after queueing a job, WAIT for this many replicas to have it (0: do not wait)",
+    )
+    replica_ack_timeout_s: float = Field(
+        default=1.0, gt=0, description="--min-replicas-ack: how long to wait; a job not acknowledged is still queued"
+    )
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="a connection must send a request's headers within this time (408, closed)"
     )

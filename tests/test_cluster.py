@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -26,6 +29,7 @@ from broker_worker.protocol.cluster_pubsub import ClusterSubscriber
 from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Delta, Job
+from broker_worker.protocol.replica_ack import ReplicaAck
 from tests.helpers import BIN, Proc, RedisServer, free_port, served_models, spawn, spawn_gateway, wait_for, worker_args
 from tests.test_reliability import consistent, expected
 
@@ -92,6 +96,12 @@ class Cluster:
                 return int(primary[1])
         raise AssertionError(f"no node serves slot {slot}")
 
+    def replica_of(self, master: int) -> int:
+        return next(p for p in self.live() if self.node(p).execute_command("ROLE")[1:3] == ["127.0.0.1", master])
+
+    def wait_calls(self, port: int) -> int:
+        return int(self.node(port).info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
     def client(self) -> RedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.live()[0], decode_responses=True, socket_timeout=5)
 
@@ -114,11 +124,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         started.stop()
 
 
-def start_serving(cluster: Cluster, tmp_path: Path, procs: list[Proc], workers: int = 2) -> str:
-    """Fake-engine workers and a gateway on the cluster URL; the gateway's base URL once it lists the model."""
-    for k in range(workers):
+def start_serving(cluster: Cluster, tmp_path: Path, procs: list[Proc], *gateway_args: str) -> str:
+    """Two fake-engine workers and a gateway on the cluster URL; the gateway's base URL once it lists the model."""
+    for k in range(2):
         procs.append(spawn(f"worker{k}", worker_args(cluster.url, delay=0.02, slots=20), tmp_path))
-    gateway, base = spawn_gateway(cluster.url, tmp_path)
+    gateway, base = spawn_gateway(cluster.url, tmp_path, *gateway_args)
     procs.append(gateway)
 
     def ready() -> bool:
@@ -218,26 +228,65 @@ def test_a_plain_url_to_a_cluster_node_is_refused_with_one_line(cluster: Cluster
         assert "Traceback" not in done.stdout + done.stderr
 
 
+async def test_a_submission_waits_for_the_replicas_of_each_node_it_wrote(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--min-replicas-ack``: a WAIT on the node of the job's keys and on the node of the model's stream, each
+    after its write on the same connection; the entry is on the stream owner's replica when submit returns."""
+    stream_owner = cluster.owner(c.job_stream("fake"))
+    replica = cluster.replica_of(stream_owner)
+    job_id = next(f"acked-{k}" for k in range(100) if cluster.owner(c.job_state_key(f"acked-{k}")) != stream_owner)
+    state_owner = cluster.owner(c.job_state_key(job_id))
+    before = {p: cluster.wait_calls(p) for p in (stream_owner, state_owner)}
+    client = AsyncClient(async_redis(cluster.url), replica_ack=ReplicaAck(1, 10.0))
+    reader = redis.Redis(port=replica, decode_responses=True, single_connection_client=True)
+    try:
+        reader.execute_command("READONLY")
+        await client.submit(Job.model_validate({"id": job_id, "model": "fake", "max_new_tokens": 3, "prompt": PROMPT}))
+        assert json.loads(reader.xrange(c.job_stream("fake"))[-1][1]["job"])["id"] == job_id
+        assert client.replica_ack.short == 0
+        assert {p: cluster.wait_calls(p) - n for p, n in before.items()} == {stream_owner: 1, state_owner: 1}
+        client.replica_ack.timeout_s = 0.5
+        os.kill(cluster.procs[replica].pid, signal.SIGSTOP)  # its master's WAIT cannot be acknowledged now
+        try:
+            with caplog.at_level(logging.WARNING, logger="broker_worker.protocol.replica_ack"):
+                job = {"id": "unacked", "model": "fake", "max_new_tokens": 3, "prompt": PROMPT}
+                await client.submit(Job.model_validate(job))
+        finally:
+            os.kill(cluster.procs[replica].pid, signal.SIGCONT)
+        assert client.replica_ack.short == 1
+        assert caplog.messages == [
+            "job unacked queued but acknowledged by 0 of 1 replicas within 0.5 s: a failover now could lose it"
+        ]
+    finally:
+        reader.close()
+        await client.close()
+
+
 def test_killing_the_master_of_the_job_stream_under_20_streams(
     cluster: Cluster, tmp_path: Path, procs: list[Proc]
 ) -> None:
-    base = start_serving(cluster, tmp_path, procs)
+    """With ``--min-replicas-ack 1``: every request accepted before the kill completes."""
+    base = start_serving(cluster, tmp_path, procs, "--min-replicas-ack", "1")
     victim = cluster.owner(c.job_stream("fake"))
-    streams_survive(base, 20, lambda: cluster.kill(victim))
+    streams_survive(base, 20, lambda: cluster.kill(victim), accepted_complete=True)
     wait_for(lambda: cluster.owner(c.job_stream("fake")) != victim, 30, "a replica promoted")
     new_request_succeeds(base)
 
 
-def streams_survive(base: str, n: int, kill: Callable[[], None]) -> None:
+def streams_survive(base: str, n: int, kill: Callable[[], None], accepted_complete: bool = False) -> None:
     """``n`` streams through the gateway; ``kill`` once 5 are under way; every one ends within 60 s, complete
-    with the expected text or with a typed error after text that never rewound."""
+    with the expected text or with a typed error after text that never rewound. ``accepted_complete``: every
+    request accepted (its response begun: the job was queued) before the kill completes."""
     results: dict[int, tuple[int, list[dict[str, Any]]] | str] = {}
     started: set[int] = set()
+    accepted: set[int] = set()
 
     def one(k: int) -> None:
         payload = {"model": "fake", "prompt": [{"role": "user", "content": f"failover {k}"}], "max_new_tokens": 300}
         try:
             with httpx.stream("POST", base + "/worker_generate_stream", json=payload, timeout=60) as response:
+                accepted.add(k)
                 body = b""
                 for data in response.iter_bytes():
                     body += data
@@ -252,6 +301,7 @@ def streams_survive(base: str, n: int, kill: Callable[[], None]) -> None:
     for t in threads:
         t.start()
     wait_for(lambda: len(started) >= 5, 60, "streams under way")
+    accepted_before = set(accepted)
     kill()
     killed_at = time.monotonic()
     for t in threads:  # every stream ends within 60 s of the kill: none hangs
@@ -266,6 +316,9 @@ def streams_survive(base: str, n: int, kill: Callable[[], None]) -> None:
             assert status == 200 and consistent(chunks) and chunks[-1]["text"] == expected(f"failover {k}", 300)
         else:  # a typed error after text that never rewound (a 5xx carries a code too)
             assert consistent(chunks[:-1]), chunks
+            assert not (accepted_complete and k in accepted_before), (
+                f"stream {k} accepted before the kill: {chunks[-1]}"
+            )
 
 
 def new_request_succeeds(base: str) -> None:
@@ -309,10 +362,10 @@ def test_killing_the_sentinel_managed_primary_under_10_streams(tmp_path: Path, p
         wait_for(lambda: all(sentinel_sees_all(p) for p in ports), 60, "3 sentinels that see primary and replica")
         url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/ivl/0"
         procs.append(spawn("worker", worker_args(url, delay=0.02, slots=20), tmp_path))
-        gateway, base = spawn_gateway(url, tmp_path)
+        gateway, base = spawn_gateway(url, tmp_path, "--min-replicas-ack", "1")
         procs.append(gateway)
         wait_for(lambda: served_models(base) == ["fake"], 60, "worker and gateway through the sentinels")
-        streams_survive(base, 10, primary.kill)
+        streams_survive(base, 10, primary.kill, accepted_complete=True)
         wait_for(lambda: replica.client().execute_command("ROLE")[0] == "master", 30, "the replica promoted")
         new_request_succeeds(base)
     finally:

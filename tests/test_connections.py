@@ -1,9 +1,13 @@
-"""Connection URLs: password redaction, and a Sentinel-managed primary end to end."""
+"""Connection URLs: password redaction, and a Sentinel-managed primary end to end; cluster connections closed
+under a write."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+
+import pytest
+import redis
 
 from broker_worker.protocol.connections import parse_sentinel_url, redact
 from tests.helpers import Proc, RedisServer, end_to_end, free_port
@@ -45,3 +49,25 @@ def test_workers_and_gateway_through_sentinel(tmp_path: Path, procs: list[Proc])
         sentinel.kill()
         sentinel.wait()
         primary.kill()
+
+
+async def test_a_cluster_connection_disconnected_under_a_write_raises_a_connection_error(
+    redis_server: RedisServer,
+) -> None:
+    """A cluster client resetting its nodes (a failover) disconnects connections other tasks are writing on; the
+    write then finds no writer. That must be a ConnectionError (the client retries elsewhere), not an
+    AttributeError that fails a worker's job (seen as 50001 "'NoneType' object has no attribute 'writelines'")."""
+    from broker_worker.protocol.connections import _ClusterConnection
+
+    conn = _ClusterConnection(host="127.0.0.1", port=redis_server.port)
+    await conn.connect()
+
+    async def disconnected_meanwhile() -> None:  # what another task's disconnect does during the health check
+        conn._writer = None
+
+    conn.check_health = disconnected_meanwhile  # type: ignore[method-assign]
+    try:
+        with pytest.raises(redis.ConnectionError, match="connection closed under a write: 'NoneType' object"):
+            await conn.send_packed_command(conn.pack_command("PING"))
+    finally:
+        await conn.disconnect()

@@ -57,3 +57,29 @@ def test_a_missing_reference_fails_the_job_with_40001_naming_it(start_worker, r:
     assert last["type"] == "failed" and last["error_code"] == 40001
     assert last["message"] == f"image {missing} is not in Redis (expired or never stored)"
     assert [e["type"] for e in events(r, "lost-image")] == ["failed"]
+
+
+async def test_an_image_redis_has_is_not_written_again_only_its_ttl_refreshed(r: redis.Redis) -> None:
+    """InternVL's app re-sends every earlier image on every turn: the bytes of an image already stored are not
+    written again (no SET, only an EXPIRE); its TTL is refreshed."""
+    from broker_worker.protocol.connections import async_redis
+    from broker_worker.protocol.image_refs import store_images
+    from broker_worker.protocol.messages import Job
+
+    image = png_b64(640, 480, 5)
+    key = f"ivl:img:{{{hashlib.sha256(image.encode()).hexdigest()}}}"
+    job = Job.model_validate(
+        {"id": "turn", "model": "fake", "prompt": [{"role": "user", "content": "a", "image": [image]}]}
+    )
+    client = async_redis(f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0")
+    try:
+        await store_images(client, job)
+        r.expire(key, 100)
+        r.config_resetstat()
+        await store_images(client, job)
+    finally:
+        await client.aclose()
+    calls = {k: v["calls"] for k, v in r.info("commandstats").items() if k in ("cmdstat_set", "cmdstat_expire")}
+    assert calls == {"cmdstat_expire": 1}
+    assert 100 < r.ttl(key) <= 3600
+    assert r.get(key) == image

@@ -26,14 +26,26 @@ from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
 from broker_worker.protocol.pubsub import RESYNC
 from broker_worker.protocol.readers import HANGUP_GRACE_S, Readers
+from broker_worker.protocol.replica_ack import ReplicaAck, write_and_wait_sync
 
 log = logging.getLogger("broker_worker.protocol.client")
 
 
 class AsyncClient:
-    def __init__(self, redis: aioredis.Redis, *, poll_s: float = 1.0, hangup_grace_s: float = HANGUP_GRACE_S) -> None:
+    """``replica_ack`` (``--min-replicas-ack``): each submission waits for that many replicas; a job they did not
+    acknowledge in time is queued all the same, logged and counted (``replica_ack.short``)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        poll_s: float = 1.0,
+        hangup_grace_s: float = HANGUP_GRACE_S,
+        replica_ack: ReplicaAck | None = None,
+    ) -> None:
         self.redis = redis
-        self.store = jobs.JobStore(redis)
+        self.replica_ack = replica_ack or ReplicaAck()
+        self.store = jobs.JobStore(redis, replica_ack=self.replica_ack)
         self.subscriber = subscriber_for(redis)
         self.readers = Readers(redis, hangup_grace_s=hangup_grace_s)
         self.poll_s = poll_s
@@ -42,10 +54,10 @@ class AsyncClient:
         self.cancel_abandoned = True
 
     @classmethod
-    def from_url(cls, url: str) -> AsyncClient:
+    def from_url(cls, url: str, min_replicas_ack: int = 0, replica_ack_timeout_s: float = 1.0) -> AsyncClient:
         from broker_worker.protocol.connections import async_redis
 
-        return cls(async_redis(url))
+        return cls(async_redis(url), replica_ack=ReplicaAck(min_replicas_ack, replica_ack_timeout_s))
 
     async def submit(self, job: Job, max_queue: int = 0) -> str:
         """Queue the job (an id that already ran or runs is not run twice); returns the stream entry id.
@@ -238,18 +250,24 @@ def _check_timeouts(
 
 
 class Client:
-    """Blocking client for scripts: reads a job's replay stream with XREAD BLOCK (no pub/sub needed)."""
+    """Blocking client for scripts: reads a job's replay stream with XREAD BLOCK (no pub/sub needed).
+    ``min_replicas_ack`` as for ``AsyncClient``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, min_replicas_ack: int = 0, replica_ack_timeout_s: float = 1.0) -> None:
         from broker_worker.protocol.connections import sync_redis
 
         self.redis: redis.Redis = sync_redis(url, socket_timeout=None)
+        self.replica_ack = ReplicaAck(min_replicas_ack, replica_ack_timeout_s)
 
     def submit(self, job: Job) -> bool:
         """Queue the job; False (and nothing queued) when its id is already running or finished."""
         status = self.redis.hget(c.job_state_key(job.id), "status")
         if status in ("running", "done", "failed", "cancelled"):
             return False
+        if self.replica_ack.wanted:
+            _, acked = write_and_wait_sync(self.redis, jobs.submission(job), self.replica_ack)
+            self.replica_ack.check(job.id, job.model, acked)
+            return True
         with self.redis.pipeline(transaction=False) as pipe:
             jobs.queue_commands(pipe, job)
             pipe.execute()

@@ -154,14 +154,20 @@ def async_redis(
 
 class _ClosedTransportMixin:
     """Under uvloop, a write on a socket its (killed) node closed raises RuntimeError, which the cluster client
-    does not treat as a connection failure: no topology refresh, and callers see an unexpected error. Here it
-    is a ConnectionError, so the client re-reads the slot map and retries on the promoted replica."""
+    does not treat as a connection failure: no topology refresh, and callers see an unexpected error. And when
+    the cluster client resets its nodes after a failure (a failover), it disconnects connections other tasks
+    are writing on: their write finds no writer (AttributeError on None). Here both are a ConnectionError, so
+    the client re-reads the slot map and retries on the promoted replica; a worker's job does not fail on it."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             await super().send_packed_command(command, check_health)  # type: ignore[misc]
         except RuntimeError as exc:
             await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise redis.ConnectionError(f"connection closed under a write: {exc}") from exc
+        except AttributeError as exc:
+            if getattr(self, "_writer", None) is not None:
+                raise  # not a closed connection: a bug, shown as it is
             raise redis.ConnectionError(f"connection closed under a write: {exc}") from exc
 
 

@@ -18,6 +18,7 @@ from broker_worker.protocol import constants as c
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.images import content_key
 from broker_worker.protocol.messages import Job
+from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
 
 REF_PREFIX = "sha256:"
 #: An image key lives this long after its last use (a store or a job that read it).
@@ -33,13 +34,23 @@ def is_ref(image: str) -> bool:
     return image.startswith(REF_PREFIX) and len(image) == len(REF_PREFIX) + 64
 
 
-async def store_images(redis: aioredis.Redis, job: Job, ttl_s: int = IMAGE_TTL_S) -> Job:
-    """The job with each inline image stored once (``SET … EX``, which also refreshes a known image's TTL) and
-    replaced by its reference. The stores run in parallel (one per distinct image)."""
+async def store_images(redis: aioredis.Redis, job: Job, ttl_s: int = IMAGE_TTL_S, ack: ReplicaAck | None = None) -> Job:
+    """The job with each inline image stored once and replaced by its reference. An image Redis already has
+    only gets its TTL refreshed (``EXPIRE``): InternVL's app re-sends every earlier image on every turn, and
+    those bytes are not written again. A new one is written with ``SET … EX``; with ``ack`` wanted
+    (``--min-replicas-ack``), followed by ``WAIT`` on its connection, and a shortfall is reported. Each image
+    is handled in parallel."""
     inline = {content_key(b64): b64 for m in job.prompt for b64 in m.image if not is_ref(b64)}
     if not inline:
         return job
-    await asyncio.gather(*(redis.set(image_key(d), b64, ex=ttl_s) for d, b64 in inline.items()))
+    known = await asyncio.gather(*(redis.expire(image_key(d), ttl_s) for d in inline))
+    new = {d: b64 for (d, b64), refreshed in zip(inline.items(), known, strict=True) if not refreshed}
+    if new and ack is not None and ack.wanted:
+        writes: list[Write] = [(image_key(d), ("SET", image_key(d), b64, "EX", ttl_s)) for d, b64 in new.items()]
+        _, acked = await write_and_wait(redis, writes, ack)
+        ack.check(job.id, job.model, acked, "images")
+    elif new:
+        await asyncio.gather(*(redis.set(image_key(d), b64, ex=ttl_s) for d, b64 in new.items()))
     prompt = [
         m.model_copy(update={"image": [b if is_ref(b) else REF_PREFIX + content_key(b) for b in m.image]})
         if m.image

@@ -5,6 +5,7 @@ script over the stream of the model's lane (admission and XADD in one step)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
 from broker_worker.protocol.publish_batch import PublishBatcher
+from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
 from broker_worker.protocol.script_pipeline import evalsha_pipeline
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
 
@@ -27,6 +29,7 @@ CANCELLED = PublishRefused.CANCELLED
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
 
 
+@functools.cache
 def lua(name: str) -> str:
     return resources.files("broker_worker.protocol").joinpath(f"lua/{name}.lua").read_text()
 
@@ -60,9 +63,17 @@ class StartDecision:
 class JobStore:
     """The Lua scripts, registered once on an asyncio Redis client."""
 
-    def __init__(self, redis: aioredis.Redis, job_ttl_s: int = c.JOB_TTL_S, publish_window_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        job_ttl_s: int = c.JOB_TTL_S,
+        publish_window_s: float = 0.0,
+        replica_ack: ReplicaAck | None = None,
+    ) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
+        #: ``--min-replicas-ack``: submissions wait for that many replicas (``replica_ack``).
+        self.replica_ack = replica_ack or ReplicaAck()
         self._start = redis.register_script(lua("start"))
         self._publish = redis.register_script(lua("publish"))
         # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
@@ -116,7 +127,22 @@ class JobStore:
         id that is running or finished queues an entry that the worker acks without running it (the start script
         decides), so the caller may simply stream the id's events.
         """
-        k = JobKeys.of(job.id)
+        marked, entry = await self._queue(job, max_queue)
+        if isinstance(entry, list):  # ['full', depth]
+            if marked:  # nothing was queued: do not leave a 'queued' marker behind
+                await self.redis.delete(JobKeys.of(job.id).state)
+            raise queue_full(job.model, int(entry[1]), max_queue, job.priority)
+        return str(entry)
+
+    async def _queue(self, job: Job, max_queue: int) -> tuple[int, str | list[Any]]:
+        """The ``mark_queued`` and ``enqueue`` scripts' replies; with ``--min-replicas-ack``, each followed by
+        ``WAIT`` on its connection, and a queued job that too few replicas acknowledged is reported."""
+        if self.replica_ack.wanted:
+            (marked, entry), acked = await write_and_wait(self.redis, submission(job, max_queue), self.replica_ack)
+            if not isinstance(entry, list):
+                self.replica_ack.check(job.id, job.model, acked)
+            return marked, entry
+        k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
         mark_args: list[str | int] = [c.JOB_TTL_S]
         enqueue_args: list[str | int] = [job.model_dump_json(), max_queue]
         if is_cluster(self.redis):
@@ -124,22 +150,18 @@ class JobStore:
             # does not reload a script a node lacks (a promoted replica): two calls, in parallel.
             marked, entry = await asyncio.gather(
                 self._mark_queued(keys=[k.state, k.events], args=mark_args),
-                self._enqueue(keys=[c.job_stream(job.model, job.priority)], args=enqueue_args),
+                self._enqueue(keys=[stream], args=enqueue_args),
             )
-        else:  # one round trip (a script pipeline of redis-py's would ask SCRIPT EXISTS first: two)
-            calls = [
-                (self._mark_queued, [k.state, k.events], mark_args),
-                (self._enqueue, [c.job_stream(job.model, job.priority)], enqueue_args),
-            ]
-            marked, entry = await evalsha_pipeline(self.redis, calls)
-            for result in (marked, entry):
-                if isinstance(result, Exception):
-                    raise result
-        if isinstance(entry, list):  # ['full', depth]
-            if marked:  # nothing was queued: do not leave a 'queued' marker behind
-                await self.redis.delete(k.state)
-            raise queue_full(job.model, int(entry[1]), max_queue, job.priority)
-        return str(entry)
+            return marked, entry
+        calls = [  # one round trip (a script pipeline of redis-py's would ask SCRIPT EXISTS first: two)
+            (self._mark_queued, [k.state, k.events], mark_args),
+            (self._enqueue, [stream], enqueue_args),
+        ]
+        marked, entry = await evalsha_pipeline(self.redis, calls)
+        for result in (marked, entry):
+            if isinstance(result, Exception):
+                raise result
+        return marked, entry
 
     async def submit_many(self, jobs: list[Job]) -> None:
         """Queue jobs in one round trip, each on its lane's stream, without a queue limit (the caller bounds what
@@ -168,12 +190,21 @@ async def submit(redis: aioredis.Redis, job: Job, max_queue: int = 0) -> str:
     return await JobStore(redis).submit(job, max_queue)
 
 
+def submission(job: Job, max_queue: int = 0) -> list[Write]:
+    """A job's submission as raw writes (the scripts' text, each routed by its first key): the queued marker,
+    then the entry. Their last reply is the entry id (or ``['full', depth]``)."""
+    k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
+    return [
+        (k.state, ("EVAL", lua("mark_queued"), 2, k.state, k.events, c.JOB_TTL_S)),
+        (stream, ("EVAL", lua("enqueue"), 1, stream, job.model_dump_json(), max_queue)),
+    ]
+
+
 def queue_commands(pipe: Any, job: Job) -> None:
     """Add a job's submission to a pipeline (sync or asyncio: adding commands is synchronous in both; the script
     text is sent each time, for callers that queue many jobs in one pipeline). The last reply is the entry id."""
-    k = JobKeys.of(job.id)
-    pipe.eval(lua("mark_queued"), 2, k.state, k.events, c.JOB_TTL_S)
-    pipe.eval(lua("enqueue"), 1, c.job_stream(job.model, job.priority), job.model_dump_json(), 0)
+    for _, command in submission(job):
+        pipe.execute_command(*command)
 
 
 async def exists(redis: aioredis.Redis, job_id: str) -> bool:
