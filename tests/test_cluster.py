@@ -210,6 +210,18 @@ async def test_job_channels_are_sharded_on_the_node_owning_the_job_slot(cluster:
         admin.close()
 
 
+async def test_commands_past_the_connection_bound_wait_instead_of_failing(cluster: Cluster) -> None:
+    """redis-py's asyncio cluster client raises MaxConnectionsError when a node's connections are all busy; a
+    gateway renewing many readers at once (one script call each on a cluster) hit it. They wait instead."""
+    client = async_redis(cluster.url, max_connections=4)
+    try:
+        keys = [f"bound-{k}" for k in range(300)]
+        await asyncio.gather(*(client.set(k, k, ex=60) for k in keys))
+        assert await asyncio.gather(*(client.get(k) for k in keys)) == keys
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("program", ["broker-worker", "broker-gateway"])
 def test_a_plain_url_to_a_cluster_node_is_refused_with_one_line(cluster: Cluster, program: str) -> None:
     stream_owner = cluster.owner(c.job_stream("fake"))

@@ -135,9 +135,9 @@ def async_redis(
         del options["timeout"]
         cluster_target = parse_cluster_url(url)
         nodes = [aioredis.cluster.ClusterNode(host, port) for host, port in cluster_target.others]
-        cluster: aioredis.RedisCluster = aioredis.RedisCluster.from_url(
-            cluster_target.first_node_url, startup_nodes=nodes, **options
-        )
+        cluster = _WaitingCluster.from_url(cluster_target.first_node_url, startup_nodes=nodes, **options)
+        assert isinstance(cluster, _WaitingCluster)
+        cluster.slots = asyncio.Semaphore(max_connections)
         _closed_transport_is_a_connection_error(cluster)
         return cluster  # type: ignore[return-value]  # every caller uses the commands both clients share
     if not url.startswith(SENTINEL_SCHEME):
@@ -150,6 +150,19 @@ def async_redis(
         target.service, connection_pool_class=_BlockingSentinelPool, **target.auth(), **options
     )
     return primary
+
+
+class _WaitingCluster(aioredis.RedisCluster):
+    """The asyncio cluster client raises MaxConnectionsError at once when a node's ``max_connections`` are busy
+    (e.g. a gateway renewing a thousand readers at once). Here a command waits for one of ``max_connections``
+    slots for the whole client instead, as the blocking pool of a single Redis does; no node can then exceed its
+    own bound."""
+
+    slots: asyncio.Semaphore
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.slots:
+            return await super().execute_command(*args, **kwargs)
 
 
 class _ClosedTransportMixin:
