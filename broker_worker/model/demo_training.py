@@ -248,8 +248,9 @@ def train(
     model.eval()
 
 
-def make_demo_model(out_dir: str | Path, schedule: Schedule, seed: int = 0) -> Path:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+def make_demo_model(out_dir: str | Path, schedule: Schedule, seed: int = 0, threads: int = 1) -> Path:
+    # One thread by default: on a busy shared CPU, two threads that wait on each other ran a step 5x slower.
+    torch.set_num_threads(threads)
     model, tokenizer = new_model(seed)
     recipe = {"seed": seed, **vars(schedule)}
     out = Path(out_dir)
@@ -265,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warm-steps", type=int, default=1200)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     schedule = Schedule(args.steps, args.batch, args.lr, args.warm_steps)
-    path = make_demo_model(args.directory, schedule, args.seed)
+    path = make_demo_model(args.directory, schedule, args.seed, args.threads)
     print(f"wrote {path}; questions: {', '.join(QUESTIONS.values())}")
     return 0
 
