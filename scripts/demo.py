@@ -1,7 +1,7 @@
 """``make demo``: Redis (existing or our own), the demo model (unless MODEL_PATH), gateway, workers and the UI.
 
 The demo model is the committed ``demo_model/`` checkpoint: a tiny InternVL trained on drawn pictures
-(``make demo-model`` reproduces it), which answers three questions about colors and shapes. ``DEMO_MODEL=random``
+(``make demo-model`` reproduces it), which answers questions about colors (README.md says which). ``DEMO_MODEL=random``
 serves the random-weight tiny model instead (noise; what the mechanics tests use).
 
 Environment: REDIS_URL, MODEL_PATH, MODEL_NAME, DEMO_MODEL, GATEWAY_PORT (8000), UI_PORT (8501), WORKERS (1),
@@ -176,11 +176,11 @@ def main() -> None:
     log(f"chat UI  http://127.0.0.1:{ui_port}")
     log(f"redis    {url}   workers: {workers} x {model_name}   logs: {STATE}/*.log")
     if model_name == DEMO_NAME and "MODEL_PATH" not in os.environ:
-        from broker_worker.model.demo_images import COLORS, QUESTIONS, SHAPES
+        from broker_worker.model.demo_images import COLORS, QUESTIONS
 
         log(f"NOTE: {DEMO_NAME} is a tiny InternVL trained on drawn pictures, not a real model; it answers only")
-        log(f"  {' / '.join(QUESTIONS.values())}")
-        log(f"  (colors: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}); set MODEL_PATH for a real checkpoint")
+        log(f"  {QUESTIONS['color']} / {QUESTIONS['quadrant']}  (colors: {', '.join(COLORS)})")
+        log(f"  ({QUESTIONS['shape']} was trained but not learned yet); set MODEL_PATH for a real checkpoint")
     elif model_name == "tiny-internvl" and "MODEL_PATH" not in os.environ:
         log("NOTE: the tiny model has random weights: its answers are noise; set MODEL_PATH for a real one")
     log("Ctrl-C stops everything")

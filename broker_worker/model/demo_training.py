@@ -57,6 +57,7 @@ IMAGE_SIZE, PATCH = 448, 28
 TOKENS_PER_TILE = (IMAGE_SIZE // PATCH) ** 2 // 4  # after the 0.5 pixel shuffle
 CONTEXT = 8192
 POLISH_STEPS = 300
+FULL_STEPS = 200
 LOOK = ("Look at this image.", "OK.")
 SYSTEMS = [None, None, None, "You are InternVL, a helpful multimodal assistant.", "Answer in one word.", ""]
 
@@ -329,10 +330,16 @@ def train(
 
 
 def make_demo_model(
-    out_dir: str | Path, stages: list[Schedule], seed: int = 0, threads: int = 1, start: Path | None = None
+    out_dir: str | Path,
+    stages: list[Schedule],
+    seed: int = 0,
+    threads: int = 1,
+    start: Path | None = None,
+    done: int = 1,
 ) -> Path:
-    """Train stage after stage (stage k draws pictures from RNG seed ``seed + k``); ``start``: a checkpoint
-    written after the first stage, to run only the later ones (same weights as going on in one process)."""
+    """Train stage after stage (stage k draws pictures from RNG seed ``seed + k``, with a fresh optimizer);
+    ``start``: a checkpoint written after the first ``done`` stages, to run only the later ones (the same weights
+    as going on in one process)."""
     from transformers import InternVLForConditionalGeneration
 
     # One thread by default: on a busy shared CPU, two threads that wait on each other ran a step 5x slower.
@@ -347,7 +354,7 @@ def make_demo_model(
         return save_checkpoint(model, tokenizer, out, DEMO_NOTICE, recipe)
 
     for k, stage in enumerate(stages):
-        if k > 0 or start is None:
+        if start is None or k >= done:
             train(model, tokenizer, stage, seed + k, save)
     return save()
 
@@ -361,10 +368,12 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warm-steps", type=int, default=1200)
     parser.add_argument("--polish-steps", type=int, default=POLISH_STEPS, help="second stage: full range only")
+    parser.add_argument("--full-steps", type=int, default=FULL_STEPS, help="third stage: full range, even mix")
     parser.add_argument("--polish-lr", type=float, default=1e-3)
     parser.add_argument("--probe", type=float, default=1.0, help="weight of the probe's loss in the second stage")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--start", type=Path, default=None, help="a first stage's checkpoint: run the second only")
+    parser.add_argument("--start", type=Path, default=None, help="a checkpoint written after stage --start-stage")
+    parser.add_argument("--start-stage", type=int, default=1, help="stages done in --start's checkpoint")
     return parser
 
 
@@ -372,7 +381,9 @@ def stages_of(args: argparse.Namespace) -> list[Schedule]:
     first = Schedule(args.steps, args.batch, args.lr, args.warm_steps, stop=args.warm_steps)
     mix = (0.2, 0.5, 0.3)  # shapes are the hardest to learn
     polish = Schedule(args.polish_steps, 12, args.polish_lr, 0, decay=False, probe=args.probe, mix=mix)
-    return [first, replace(polish, few_tiles=1, cheap=2 / 3)]
+    # Third: the full range only, every question equally often (what the first two stages left weakest).
+    full = Schedule(args.full_steps, 8, args.polish_lr, 0, decay=False, probe=args.probe)
+    return [first, replace(polish, few_tiles=1, cheap=2 / 3), full]
 
 
 def recipe_defaults() -> dict[str, object]:
@@ -383,7 +394,7 @@ def recipe_defaults() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments().parse_args(argv)
-    path = make_demo_model(args.directory, stages_of(args), args.seed, args.threads, args.start)
+    path = make_demo_model(args.directory, stages_of(args), args.seed, args.threads, args.start, args.start_stage)
     print(f"wrote {path}; questions: {', '.join(QUESTIONS.values())}")
     return 0
 
