@@ -57,7 +57,7 @@ IMAGE_SIZE, PATCH = 448, 28
 TOKENS_PER_TILE = (IMAGE_SIZE // PATCH) ** 2 // 4  # after the 0.5 pixel shuffle
 CONTEXT = 8192
 POLISH_STEPS = 300
-FULL_STEPS = 200
+FULL_STEPS = 400
 LOOK = ("Look at this image.", "OK.")
 SYSTEMS = [None, None, None, "You are InternVL, a helpful multimodal assistant.", "Answer in one word.", ""]
 
