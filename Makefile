@@ -40,7 +40,7 @@ lint: install
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# Trains the committed demo checkpoint (demo_model/) again from scratch with its fixed RNG seed: CPU, about an hour.
+# Trains the committed demo checkpoint (demo_model/) again from scratch with its fixed RNG seeds (CPU, ~35 min).
 demo-model: install
 	$(BIN)/python -m broker_worker.model.demo_training demo_model $(DEMO_MODEL_ARGS)
 
