@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test test-fast lint demo bench system-deps clean
+.PHONY: install test test-fast lint demo demo-model bench system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: install
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# Trains the committed demo checkpoint (demo_model/) again from scratch with its fixed RNG seeds (CPU, ~35 min).
+demo-model: install
+	$(BIN)/python -m broker_worker.model.demo_training demo_model $(DEMO_MODEL_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

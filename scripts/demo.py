@@ -1,6 +1,11 @@
-"""``make demo``: Redis (existing or our own), the tiny model (unless MODEL_PATH), gateway, workers and the UI.
+"""``make demo``: Redis (existing or our own), the demo model (unless MODEL_PATH), gateway, workers and the UI.
 
-Environment: REDIS_URL, MODEL_PATH, MODEL_NAME, GATEWAY_PORT (8000), UI_PORT (8501), WORKERS (1), DEVICE (cpu).
+The demo model is the committed ``demo_model/`` checkpoint: a tiny InternVL trained on drawn pictures
+(``make demo-model`` reproduces it), which answers questions about colors (README.md says which). ``DEMO_MODEL=random``
+serves the random-weight tiny model instead (noise; what the mechanics tests use).
+
+Environment: REDIS_URL, MODEL_PATH, MODEL_NAME, DEMO_MODEL, GATEWAY_PORT (8000), UI_PORT (8501), WORKERS (1),
+DEVICE (cpu).
 Ctrl-C or SIGTERM stops everything this script started, and nothing else.
 """
 
@@ -20,6 +25,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STATE = ROOT / ".demo"
+DEMO_MODEL = ROOT / "demo_model"
+DEMO_NAME = "demo-internvl"
 children: list[subprocess.Popen[bytes]] = []
 
 
@@ -79,6 +86,8 @@ def ensure_redis(url: str) -> str:
 def ensure_model() -> tuple[Path, str]:
     if path := os.environ.get("MODEL_PATH"):
         return Path(path), os.environ.get("MODEL_NAME") or Path(path).name
+    if os.environ.get("DEMO_MODEL", "trained") != "random":
+        return DEMO_MODEL, DEMO_NAME
     target = STATE / "tiny-internvl"
     if not (target / "config.json").exists():
         log("building the tiny random-weight InternVL checkpoint")
@@ -166,7 +175,13 @@ def main() -> None:
     log(f"gateway  http://127.0.0.1:{gateway_port}  (POST /worker_generate_stream, /v1/chat/completions, /metrics)")
     log(f"chat UI  http://127.0.0.1:{ui_port}")
     log(f"redis    {url}   workers: {workers} x {model_name}   logs: {STATE}/*.log")
-    if model_name == "tiny-internvl" and "MODEL_PATH" not in os.environ:
+    if model_name == DEMO_NAME and "MODEL_PATH" not in os.environ:
+        from broker_worker.model.demo_images import COLORS, QUESTIONS
+
+        log(f"NOTE: {DEMO_NAME} is a tiny InternVL trained on drawn pictures, not a real model; it answers only")
+        log(f"  {QUESTIONS['color']} / {QUESTIONS['quadrant']}  (colors: {', '.join(COLORS)})")
+        log(f"  ({QUESTIONS['shape']} was trained but not learned yet); set MODEL_PATH for a real checkpoint")
+    elif model_name == "tiny-internvl" and "MODEL_PATH" not in os.environ:
         log("NOTE: the tiny model has random weights: its answers are noise; set MODEL_PATH for a real one")
     log("Ctrl-C stops everything")
     while True:

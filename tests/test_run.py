@@ -14,7 +14,9 @@ import httpx
 import pytest
 import redis
 import yaml
+from PIL import Image
 
+from broker_worker.model.demo_images import COLORS, png_base64
 from tests.helpers import BIN, ROOT, Proc, free_port, png_b64, spawn, wait_for
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -78,16 +80,19 @@ def test_make_demo_starts_everything_and_stops_clean(tmp_path: Path) -> None:
 
         wait_for(serving, 120, "the demo gateway to list a model")
         wait_for(lambda: _ok(f"http://127.0.0.1:{ui_port}/_stcore/health"), 60, "the demo UI")
+        red = png_base64(Image.new("RGB", (900, 500), COLORS["red"]))
         payload = {
-            "model": "tiny-internvl",
-            "prompt": [{"role": "user", "content": "hi", "image": [png_b64()]}],
-            "max_new_tokens": 8,
+            "model": "demo-internvl",  # the committed demo model, which sees
+            "prompt": [{"role": "user", "content": "What color is the image?", "image": [red]}],
+            "max_new_tokens": 16,
+            "temperature": 0,
         }
         body = httpx.post(base + "/worker_generate_stream", json=payload, timeout=60).content
         assert body.endswith(b"\0")
         last = json.loads(body.split(b"\0")[-2])
-        assert last["error_code"] == 0 and last["finish_reason"] in ("stop", "length")
-        assert "its answers are noise" in demo.log()
+        assert last["error_code"] == 0 and last["finish_reason"] == "stop"
+        assert last["text"].strip() == "red"
+        assert "demo-internvl is a tiny InternVL trained on drawn pictures" in demo.log()
         assert redis.Redis(port=redis_port).ping()  # the demo started its own Redis on REDIS_URL's port
     finally:
         demo.popen.send_signal(signal.SIGTERM)

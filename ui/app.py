@@ -23,6 +23,13 @@ from ui.grounding import draw_boxes, find_boxes
 GATEWAY = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8000").rstrip("/")
 TOKEN = os.environ.get("GATEWAY_API_TOKEN", "")
 DEFAULT_SYSTEM = "You are InternVL, a helpful multimodal assistant."
+#: What the demo model (``make demo``'s ``demo-internvl``, trained on drawn pictures) can answer.
+DEMO_ABOUT = (
+    "**{model}** is a tiny InternVL trained on drawn pictures, not a real model. Upload a picture of one color "
+    "or of four colored quadrants (2x2), then ask one of these questions. Colors: red, green, blue, yellow, white, "
+    "black, orange, purple. It was also trained on 'What shape is in the image?' but has not learned shapes yet."
+)
+DEMO_QUESTIONS = ("What color is the image?", "What color is the top-left part?")
 MAX_IMAGES_PER_TURN = 8
 
 
@@ -80,6 +87,8 @@ def sidebar() -> tuple[str | None, str, dict[str, Any]]:
         model = st.selectbox("Model", models, index=0 if models else None, placeholder="no live worker")
         if model and model.startswith("tiny"):
             st.warning("This is the tiny random-weight test model: its answers are noise by design.")
+        if model and model.startswith("demo"):
+            demo_examples(model)
         system = st.text_area("System prompt", DEFAULT_SYSTEM, height=80)
         params = {
             "temperature": st.slider("Temperature", 0.0, 1.0, 0.7, 0.05),
@@ -92,6 +101,14 @@ def sidebar() -> tuple[str | None, str, dict[str, Any]]:
             st.session_state.messages = []
         st.caption(f"Gateway: {GATEWAY}")
     return model, system, params
+
+
+def demo_examples(model: str) -> None:
+    """What the demo model is, and its questions as buttons that ask them (with the images being uploaded)."""
+    st.info(DEMO_ABOUT.format(model=model))
+    st.caption("Example questions")
+    for k, question in enumerate(DEMO_QUESTIONS):
+        st.button(question, key=f"example-{k}", on_click=lambda q=question: st.session_state.update(example=q))
 
 
 def show_grounding(text: str, image: bytes | None) -> None:
@@ -134,7 +151,7 @@ def main() -> None:
         accept_multiple_files=True,
         key=f"uploads-{st.session_state.uploader}",
     )
-    question = st.chat_input("Ask about the images…", disabled=model is None)
+    question = st.chat_input("Ask about the images…", disabled=model is None) or st.session_state.pop("example", None)
     if not question or model is None:
         return
     images = [base64.b64encode(f.getvalue()).decode() for f in (uploads or [])[:MAX_IMAGES_PER_TURN]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,16 +96,8 @@ def make_config(vocab_size: int, image_token_id: int, eos_token_id: int) -> obje
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    from transformers import (
-        GenerationConfig,
-        GotOcr2ImageProcessor,
-        InternVLForConditionalGeneration,
-        InternVLProcessor,
-        InternVLVideoProcessor,
-    )
+    from transformers import GenerationConfig, InternVLForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
     ids = tokenizer.convert_tokens_to_ids  # type: ignore[attr-defined]
     eos = ids("<|im_end|>")
@@ -112,6 +105,14 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=ids("<|endoftext|>"))
+    return save_checkpoint(model, tokenizer, Path(out_dir), NOISE_NOTICE, {"seed": seed})
+
+
+def save_checkpoint(model: Any, tokenizer: Any, out: Path, notice: str, recipe: dict[str, object]) -> Path:
+    """Weights, tokenizer, chat template and processor config, with a README saying what the model is."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     image_processor = GotOcr2ImageProcessor(
         crop_to_patches=True,
@@ -126,8 +127,9 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         video_processor=InternVLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
+        image_seq_length=int(model.config.image_seq_length),
     )
     processor.save_pretrained(out)
-    (out / "README.md").write_text(f"# tiny-internvl\n\nA {NOISE_NOTICE}.\n")
-    (out / "tiny_model.json").write_text(json.dumps({"notice": NOISE_NOTICE, "seed": seed}))
+    (out / "README.md").write_text(f"# {out.name}\n\nA {notice}.\n")
+    (out / "tiny_model.json").write_text(json.dumps({"notice": notice, **recipe}))
     return out
