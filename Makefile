@@ -40,9 +40,10 @@ lint: install
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# Trains the committed demo checkpoint (demo_model/) again from scratch with its fixed RNG seeds (CPU, ~35 min).
+# Trains the committed demo checkpoint (demo_model/) again from scratch with its fixed RNG seeds (CPU, ~35 min, then ~12 min for the shape phases).
 demo-model: install
 	$(BIN)/python -m broker_worker.model.demo_training demo_model $(DEMO_MODEL_ARGS)
+	$(BIN)/python -m broker_worker.model.demo_shapes demo_model
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -179,8 +179,8 @@ def main() -> None:
         from broker_worker.model.demo_images import COLORS, QUESTIONS
 
         log(f"NOTE: {DEMO_NAME} is a tiny InternVL trained on drawn pictures, not a real model; it answers only")
-        log(f"  {QUESTIONS['color']} / {QUESTIONS['quadrant']}  (colors: {', '.join(COLORS)})")
-        log(f"  ({QUESTIONS['shape']} was trained but not learned yet); set MODEL_PATH for a real checkpoint")
+        log(f"  {QUESTIONS['color']} / {QUESTIONS['quadrant']} / {QUESTIONS['shape']}  (colors: {', '.join(COLORS)})")
+        log("  set MODEL_PATH for a real checkpoint")
     elif model_name == "tiny-internvl" and "MODEL_PATH" not in os.environ:
         log("NOTE: the tiny model has random weights: its answers are noise; set MODEL_PATH for a real one")
     log("Ctrl-C stops everything")

@@ -94,6 +94,13 @@ def test_top_left_quadrants_on_fresh_pictures(engine: InternVLEngine) -> None:
     assert len(misread(engine, pictures)) <= 1, misread(engine, pictures)
 
 
+def test_shapes_on_fresh_pictures(engine: InternVLEngine) -> None:
+    rng = random.Random(2025)  # not a training stream (seeds 0 to 5)
+    pictures = [picture(rng, "shape") for _ in range(12)]
+    assert {p.answer for p in pictures} == {"circle", "square", "triangle"}
+    assert len(misread(engine, pictures)) <= 1, misread(engine, pictures)
+
+
 def test_broken_preprocessing_is_caught(engine: InternVLEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """A test double of the tiling that swaps red and blue: the same meaning check now fails."""
     right_tiles = internvl_engine.tile_image
@@ -216,7 +223,7 @@ def test_chat_ui_says_what_the_demo_model_is_and_asks_its_questions(  # type: ig
     app = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60).run()
     assert "tiny InternVL trained on drawn pictures" in app.sidebar.info[0].value
     labels = [b.label for b in app.sidebar.button]
-    assert labels[:2] == ["What color is the image?", "What color is the top-left part?"]
+    assert labels[:3] == ["What color is the image?", "What color is the top-left part?", "What shape is in the image?"]
     app.sidebar.button[1].click().run()
     assert [m["content"] for m in app.session_state["messages"]][:1] == ["What color is the top-left part?"]
     assert app.session_state["messages"][1]["role"] == "assistant"
@@ -244,9 +251,10 @@ def test_training_examples_are_what_the_worker_builds(engine: InternVLEngine) ->
 
 
 def test_committed_recipe_is_what_make_demo_model_runs() -> None:
-    """``make demo-model`` (the training CLI's defaults) is the recipe recorded with the committed weights."""
-    from broker_worker.model.demo_training import recipe_defaults
+    """``make demo-model`` (the training CLIs' defaults: demo_training's stages, then demo_shapes' phases) is the
+    recipe recorded with the committed weights."""
+    from broker_worker.model.demo_shapes import recipe
 
     recorded = json.loads((DEMO / "tiny_model.json").read_text())
     assert recorded.pop("notice").startswith("demo InternVL trained on drawn pictures")
-    assert recorded == json.loads(json.dumps(recipe_defaults()))
+    assert recorded == json.loads(json.dumps(recipe()))

@@ -21,7 +21,8 @@ WORKER_ACL = (
     "on >worker-secret ~ivl:* &ivl:* -@all +ping +xreadgroup +xack +xdel +xautoclaim +xclaim +xgroup|create "
     "+xgroup|delconsumer +xgroup|setid +xsetid +xinfo|consumers +xadd +xrange +xrevrange +xlen +evalsha +eval "
     "+script|load +set +get +mget +del "
-    "+zadd +zrem +zrangebyscore +zremrangebyscore +expire +hget +hset +hincrby +exists +spublish +getex +multi +exec +time +hmget"
+    "+zadd +zrem +zrangebyscore +zremrangebyscore +expire +hget +hset +hincrby +exists +spublish +getex +multi +exec "
+    "+time +hmget"
 )
 GATEWAY_ACL = (
     "on >gateway-secret ~ivl:* &ivl:* -@all +ping +xadd +xlen +xrange +hget +hset +hsetnx +del +eval "

@@ -25,11 +25,11 @@ TOKEN = os.environ.get("GATEWAY_API_TOKEN", "")
 DEFAULT_SYSTEM = "You are InternVL, a helpful multimodal assistant."
 #: What the demo model (``make demo``'s ``demo-internvl``, trained on drawn pictures) can answer.
 DEMO_ABOUT = (
-    "**{model}** is a tiny InternVL trained on drawn pictures, not a real model. Upload a picture of one color "
-    "or of four colored quadrants (2x2), then ask one of these questions. Colors: red, green, blue, yellow, white, "
-    "black, orange, purple. It was also trained on 'What shape is in the image?' but has not learned shapes yet."
+    "**{model}** is a tiny InternVL trained on drawn pictures, not a real model. Upload a picture of one color, "
+    "of four colored quadrants (2x2), or of a circle, square or triangle on white, then ask one of these questions. "
+    "Colors: red, green, blue, yellow, white, black, orange, purple."
 )
-DEMO_QUESTIONS = ("What color is the image?", "What color is the top-left part?")
+DEMO_QUESTIONS = ("What color is the image?", "What color is the top-left part?", "What shape is in the image?")
 MAX_IMAGES_PER_TURN = 8
 
 
