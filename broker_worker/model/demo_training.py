@@ -46,7 +46,7 @@ from broker_worker.model.loading import LoadedModel
 from broker_worker.model.prompt import CHATML, build_conversation
 from broker_worker.model.prompt_tokens import PromptEncoder
 from broker_worker.model.tiling import tile_image
-from broker_worker.model.tiny_model import make_tokenizer, save_checkpoint
+from broker_worker.model.tiny_model import make_config, make_tokenizer, save_checkpoint
 from broker_worker.protocol.messages import ChatMessage
 
 DEMO_NOTICE = (
@@ -63,37 +63,8 @@ SYSTEMS = [None, None, None, "You are InternVL, a helpful multimodal assistant."
 
 
 def demo_config(vocab_size: int, image_token_id: int, eos_token_id: int) -> Any:
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
-
-    vision = InternVLVisionConfig(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=[IMAGE_SIZE, IMAGE_SIZE],
-        patch_size=[PATCH, PATCH],
-        norm_type="layer_norm",
-        attention_bias=True,
-        use_qk_norm=False,
-    )
-    text = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False,
-        eos_token_id=eos_token_id,
-    )
-    return InternVLConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_id=image_token_id,
-        image_seq_length=TOKENS_PER_TILE,
-        downsample_ratio=0.5,
-        tie_word_embeddings=False,
+    return make_config(
+        vocab_size, image_token_id, eos_token_id, patch=PATCH, vision_layers=3, text_layers=3, context=CONTEXT
     )
 
 

@@ -60,16 +60,26 @@ def make_tokenizer() -> object:
     return tokenizer
 
 
-def make_config(vocab_size: int, image_token_id: int, eos_token_id: int) -> object:
+def make_config(
+    vocab_size: int,
+    image_token_id: int,
+    eos_token_id: int,
+    *,
+    patch: int = 14,
+    vision_layers: int = 2,
+    text_layers: int = 4,
+    context: int = 8192,
+) -> Any:
+    """A tiny InternVL config: 448 px tiles, pixel shuffle 0.5, so (448 / patch / 2)^2 image tokens a tile."""
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     vision = InternVLVisionConfig(
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=vision_layers,
         num_attention_heads=4,
         intermediate_size=128,
         image_size=[448, 448],
-        patch_size=[14, 14],
+        patch_size=[patch, patch],
         norm_type="layer_norm",
         attention_bias=True,
         use_qk_norm=False,
@@ -78,10 +88,10 @@ def make_config(vocab_size: int, image_token_id: int, eos_token_id: int) -> obje
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=8192,
+        max_position_embeddings=context,
         tie_word_embeddings=False,
         eos_token_id=eos_token_id,
     )
@@ -89,7 +99,7 @@ def make_config(vocab_size: int, image_token_id: int, eos_token_id: int) -> obje
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
         image_token_id=image_token_id,
-        image_seq_length=256,
+        image_seq_length=(448 // patch // 2) ** 2,
         downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
