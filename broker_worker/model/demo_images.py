@@ -1,6 +1,6 @@
 """The pictures the demo model learns from and is checked on: solid colors, a shape on white, four colored quadrants.
 
-Drawn here with PIL from a ``random.Random``, so a fixed RNG seed gives the same images on every machine. Sizes
+Drawn here with PIL from a ``random.Random``, so the same generator state gives the same images on every machine. Sizes
 run from 200 to 1600 px a side with aspect ratios from 1:3 to 3:1, so InternVL's tiling (max 12 tiles) cuts
 them into 1 to 12 tiles plus the thumbnail. Each color is jittered per channel around its base RGB.
 """

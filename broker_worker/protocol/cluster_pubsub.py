@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol.aio import stop
 from broker_worker.protocol.inbox import Inbox
-from broker_worker.protocol.pubsub import MAX_BACKOFF_S, Subscriber, Subscription
+from broker_worker.protocol.pubsub import MAX_BACKOFF_S, Subscriber, Subscription, drop_reader
 
 log = logging.getLogger("broker_worker.protocol.cluster_pubsub")
 
@@ -106,12 +106,7 @@ class ClusterSubscriber:
         return subscription
 
     def remove(self, subscription: Subscription) -> None:
-        queues = self._wanted.get(subscription.channel)
-        if queues is None:
-            return
-        queues.discard(subscription.queue)
-        if not queues:
-            del self._wanted[subscription.channel]
+        if drop_reader(self._wanted, subscription):
             self._homeless.discard(subscription.channel)
             shard = self._where.pop(subscription.channel, None)
             if shard is not None:

@@ -76,6 +76,19 @@ class Subscription:
         self.close()
 
 
+def drop_reader(wanted: dict[str, set[Inbox]], subscription: Subscription) -> bool:
+    """Take the subscription's inbox off its channel; True when that left the channel without readers (it is then
+    no longer wanted)."""
+    queues = wanted.get(subscription.channel)
+    if queues is None:
+        return False
+    queues.discard(subscription.queue)
+    if queues:
+        return False
+    del wanted[subscription.channel]
+    return True
+
+
 class Subscriber:
     def __init__(self, redis: aioredis.Redis | None) -> None:
         self._pool = redis.connection_pool if redis is not None else None
@@ -114,12 +127,7 @@ class Subscriber:
         return subscription
 
     def remove(self, subscription: Subscription) -> None:
-        queues = self._wanted.get(subscription.channel)
-        if queues is None:
-            return
-        queues.discard(subscription.queue)
-        if not queues:
-            del self._wanted[subscription.channel]
+        if drop_reader(self._wanted, subscription):
             self._resync.discard(subscription.channel)
             self._changed.set()
 
