@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from broker_worker.model.demo_images import MAX_SIDE, picture, picture_size, words_of
+from broker_worker.model.demo_images import MAX_SIDE, MIN_SIDE, picture, picture_size, words_of
 from broker_worker.model.demo_training import (
     DEMO_NOTICE,
     TOKENS_PER_TILE,
@@ -35,6 +35,7 @@ from broker_worker.model.demo_training import (
     collate,
     examples,
     in_memory,
+    readout,
     recipe_defaults,
 )
 from broker_worker.model.tiling import tile_image
@@ -84,15 +85,10 @@ def features(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     return out.pooler_output  # type: ignore[no-any-return]
 
 
-def readout(tiles: torch.Tensor) -> torch.Tensor:
-    """What ``Probe`` reads of a tile: each token where it is, and pooled (a shape anywhere in it)."""
-    return torch.cat([tiles.flatten(1), tiles.mean(1), tiles.amax(1)], dim=1)
-
-
 def one_tile(rng: random.Random, kind: str) -> tuple[torch.Tensor, int]:
     w, h = picture_size(rng)
     scale = min(1.0, 600 / max(w, h))
-    pic = picture(rng, kind, (max(100, int(w * scale)), max(100, int(h * scale))))  # type: ignore[arg-type]
+    pic = picture(rng, kind, (max(MIN_SIDE // 2, int(w * scale)), max(MIN_SIDE // 2, int(h * scale))))  # type: ignore[arg-type]
     return tile_image(pic.image, max_num=1, image_size=448, use_thumbnail=True), words_of(pic.kind).index(pic.answer)
 
 

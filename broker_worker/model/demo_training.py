@@ -194,6 +194,12 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def readout(tiles: torch.Tensor) -> torch.Tensor:
+    """What ``Probe`` reads of each tile: each token where it is (the top-left quadrant), and pooled over the tile
+    (a shape anywhere in it)."""
+    return torch.cat([tiles.flatten(1), tiles.mean(1), tiles.amax(1)], dim=1)
+
+
 class Probe(torch.nn.Module):
     """Training only, never saved: one linear read-out per question kind from the image tokens of each image's
     last tile (the thumbnail, or the only tile: the whole picture either way). Its loss gives the vision tower a
@@ -204,9 +210,7 @@ class Probe(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear((tokens + 2) * width, len(words_of(k))) for k in KINDS)
 
     def loss(self, features: torch.Tensor, last_tile: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        tiles = features[last_tile]
-        # Each token where it is (the top-left quadrant), and pooled over the tile (a shape anywhere in it).
-        flat = torch.cat([tiles.flatten(1), tiles.mean(1), tiles.amax(1)], dim=1)
+        flat = readout(features[last_tile])
         losses = [
             torch.nn.functional.cross_entropy(self.heads[int(kind)](row[None]), answer[None])
             for row, (kind, answer) in zip(flat, targets, strict=True)
