@@ -3,46 +3,50 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from json.encoder import encode_basestring as quote  # json.dumps(str, ensure_ascii=False), minus its wrappers
 
-from redis.exceptions import RedisError
-
-from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import Event
+from broker_worker.protocol.messages import Delta, Event
 from gateway.errors import fastchat_chunk
 
 
-async def fastchat_chunks(events: AsyncIterator[Event], job_id: str, echo: str = "") -> AsyncIterator[bytes]:
+class FastChatFrames:
     """The last chunk carries ``finish_reason`` and ``usage``, or a non-zero ``error_code`` with the cause.
 
     Every chunk also carries ``job_id`` and ``seq``, so a client that loses the connection can resume with
     ``GET /jobs/{job_id}/stream?after={seq}``. ``echo`` (FastChat's echo: the prompt) starts every text.
     """
-    text = echo
-    frame = _DeltaFrame(echo, job_id)
-    try:
-        async for event in events:
-            if event.type == "delta":
-                text += event.text
-                yield frame.add(event.text, event.seq) or fastchat_chunk(text, 0, job_id=job_id, seq=event.seq)
-            elif event.type == "done":
-                yield fastchat_chunk(
-                    text,
-                    0,
-                    job_id=job_id,
-                    seq=event.seq,
-                    finish_reason=event.finish_reason,
-                    usage=event.usage.with_total(),
-                )
-            elif event.type == "failed":
-                yield fastchat_chunk(event.message, event.error_code, job_id=job_id, seq=event.seq)
-            elif event.type == "cancelled":
-                yield fastchat_chunk(text, 0, job_id=job_id, seq=event.seq, finish_reason="cancelled")
-    except JobError as exc:
-        yield fastchat_chunk(exc.message, exc.code, job_id=job_id)
-    except (RedisError, OSError) as exc:
-        yield fastchat_chunk(f"Redis unavailable: {exc}", ErrorCode.INTERNAL_ERROR, job_id=job_id)
+
+    def __init__(self, job_id: str, echo: str = "") -> None:
+        self._job_id = job_id
+        self._pieces = [echo]  # joined only for the last chunk: a delta's chunk is built from escaped pieces
+        self._frame = _DeltaFrame(echo, job_id)
+
+    def opening(self) -> bytes:
+        return b""
+
+    def delta(self, event: Delta) -> bytes:
+        self._pieces.append(event.text)
+        return self._frame.add(event.text, event.seq) or self._chunk(event.seq)
+
+    def event(self, event: Event) -> bytes:
+        if event.type == "delta":
+            return self.delta(event)
+        if event.type == "done":
+            return self._chunk(event.seq, finish_reason=event.finish_reason, usage=event.usage.with_total())
+        if event.type == "failed":
+            return fastchat_chunk(event.message, event.error_code, job_id=self._job_id, seq=event.seq)
+        if event.type == "cancelled":
+            return self._chunk(event.seq, finish_reason="cancelled")
+        return b""  # started: nothing to show
+
+    def failure(self, code: int, message: str) -> bytes:
+        return fastchat_chunk(message, code, job_id=self._job_id)
+
+    def closing(self) -> bytes:
+        return b""
+
+    def _chunk(self, seq: int, **extra: object) -> bytes:
+        return fastchat_chunk("".join(self._pieces), 0, job_id=self._job_id, seq=seq, **extra)
 
 
 class _DeltaFrame:

@@ -13,9 +13,10 @@ from broker_worker.protocol import health as lanes_health
 from broker_worker.protocol import jobs
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN
+from broker_worker.protocol.tap import Tap
 from gateway.deps import get_service
 from gateway.errors import fastchat_error
-from gateway.fastchat_stream import fastchat_chunks
+from gateway.fastchat_stream import FastChatFrames
 from gateway.service import GatewayService
 from gateway.streaming import RelayResponse
 
@@ -66,7 +67,9 @@ async def resume_stream(job_id: JobId, service: Service, after: Annotated[int, Q
         return fastchat_error(
             JobError(ErrorCode.VALIDATION_TYPE_ERROR, f"unknown job id {job_id!r} (or it expired)"), status_code=404
         )
-    return RelayResponse(fastchat_chunks(service.resume(job_id, after), job_id), media_type="application/octet-stream")
+    tap = Tap()
+    events = service.resume(job_id, after, tap)
+    return RelayResponse(events, FastChatFrames(job_id), tap, media_type="application/octet-stream")
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -12,10 +12,11 @@ from broker_worker.protocol import constants as c
 from broker_worker.protocol import health
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import Job, SamplingParams
+from broker_worker.protocol.tap import Tap
 from gateway.deps import get_service
 from gateway.errors import fastchat_error
 from gateway.fastchat_conv import conv_template
-from gateway.fastchat_stream import fastchat_chunks
+from gateway.fastchat_stream import FastChatFrames
 from gateway.service import GatewayService
 from gateway.streaming import RelayResponse
 from gateway.validation import CountRequest, GenerateRequest, build_job, count_prompt, worker_job
@@ -60,15 +61,18 @@ async def _prepare(service: GatewayService, request: GenerateRequest) -> Job:
     },
 )
 async def worker_generate_stream(body: GenerateBody, service: Service) -> Response:
+    tap = Tap()
     try:
         job = await _prepare(service, body)
-        events = await service.start(job)  # queued before the response starts: a full queue is an HTTP 429
+        events = await service.start(job, tap)  # queued before the response starts: a full queue is an HTTP 429
     except JobError as exc:
         service.metrics.requests.labels("worker_generate_stream", "refused").inc()
         return fastchat_error(exc)
     service.metrics.requests.labels("worker_generate_stream", "accepted").inc()
     return RelayResponse(
-        fastchat_chunks(events, job.id, body.echo_text),
+        events,
+        FastChatFrames(job.id, body.echo_text),
+        tap,
         media_type="application/octet-stream",
         headers={"X-Job-Id": job.id},
     )

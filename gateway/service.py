@@ -12,6 +12,7 @@ from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.image_refs import store_images
 from broker_worker.protocol.messages import Event, Failed, Job, Usage, WorkerHealth
+from broker_worker.protocol.tap import Tap
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 
@@ -97,14 +98,15 @@ class GatewayService:
         seen = self._last_served.get(model)
         return seen is not None and time.monotonic() - seen < self.settings.admit_grace_s
 
-    async def start(self, job: Job) -> AsyncIterator[Event]:
+    async def start(self, job: Job, tap: Tap | None = None) -> AsyncIterator[Event]:
         """Queue the job now, so a refusal (42903: the queue is full, checked atomically in Redis) is a JobError
         before any response starts; return its events. A client that goes away cancels the job unless another
-        reader still wants it (``AsyncClient.start``). The stream ends with a terminal event or JobError."""
+        reader still wants it (``AsyncClient.start``). The stream ends with a terminal event or JobError.
+        ``tap``: see protocol/tap.py (deltas it takes are not counted here: only the first delta is timed)."""
         try:
             # each image once in Redis; the job carries references
             job = await store_images(self.client.redis, job, ack=self.client.replica_ack)
-            events = await self.client.start(job, self.settings.max_queue, **self._timeouts())
+            events = await self.client.start(job, self.settings.max_queue, tap=tap, **self._timeouts())
         except (RedisError, OSError) as exc:
             raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
         except JobError as exc:
@@ -141,8 +143,8 @@ class GatewayService:
                 outcome.finish_reason = "cancelled"
         return outcome
 
-    async def resume(self, job_id: str, after_seq: int) -> AsyncIterator[Event]:
-        async for event in self.client.stream(job_id, after_seq, **self._timeouts()):
+    async def resume(self, job_id: str, after_seq: int, tap: Tap | None = None) -> AsyncIterator[Event]:
+        async for event in self.client.stream(job_id, after_seq, tap=tap, **self._timeouts()):
             yield event
 
     def _timeouts(self) -> dict[str, float | None]:

@@ -42,3 +42,49 @@ async def test_a_busy_inbox_arms_one_timer_not_one_per_payload(monkeypatch: pyte
         assert await waiting == str(k)
     assert len(armed) == 1, f"{len(armed)} timers for 200 payloads"
     inbox.close()
+
+
+async def test_a_waiting_consumer_takes_payloads_directly_and_only_then() -> None:
+    taken: list[str] = []
+    inbox = Inbox()
+    inbox.take_directly(lambda item: item.startswith("d") and not taken.append(item))
+    inbox.put_nowait("d0")  # nobody waits: queued, whatever the direct consumer would say
+    assert taken == [] and inbox.qsize() == 1
+    assert await inbox.next(5) == "d0"
+    waiting = asyncio.create_task(inbox.next(5))
+    await asyncio.sleep(0)
+    inbox.put_nowait("d1")  # taken on the caller's stack: the waiting task is not woken
+    inbox.put_nowait("x2")  # declined: queued, and it wakes the task
+    inbox.put_nowait("d3")  # behind a queued payload: queued too, so the order holds
+    assert taken == ["d1"]
+    assert [await waiting, await inbox.next(5)] == ["x2", "d3"]
+    inbox.close()
+
+
+async def test_a_direct_consumer_that_raises_is_dropped_and_nothing_is_lost() -> None:
+    def broken(item: str) -> bool:
+        raise RuntimeError("bug")
+
+    inbox = Inbox()
+    inbox.take_directly(broken)
+    waiting = asyncio.create_task(inbox.next(5))
+    await asyncio.sleep(0)
+    inbox.put_nowait("a")
+    assert await waiting == "a"
+    waiting = asyncio.create_task(inbox.next(5))
+    await asyncio.sleep(0)
+    inbox.put_nowait("b")  # the broken consumer is not asked again
+    assert await waiting == "b"
+    inbox.close()
+
+
+async def test_payloads_taken_directly_keep_the_quiet_spell_from_ending() -> None:
+    inbox = Inbox()
+    inbox.take_directly(lambda item: True)
+    waiting = asyncio.create_task(inbox.next(2.0))
+    for _ in range(8):  # 4 s of payloads, each taken directly: never 2 s without one
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        inbox.put_nowait("x")
+    assert await waiting is None  # 2 s after the last one
+    inbox.close()

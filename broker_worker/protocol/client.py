@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 
 import redis
@@ -27,6 +26,7 @@ from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_termina
 from broker_worker.protocol.pubsub import RESYNC
 from broker_worker.protocol.readers import HANGUP_GRACE_S, Readers
 from broker_worker.protocol.replica_ack import ReplicaAck, write_and_wait_sync
+from broker_worker.protocol.tap import Tap, next_deltas
 
 log = logging.getLogger("broker_worker.protocol.client")
 
@@ -64,7 +64,9 @@ class AsyncClient:
         ``max_queue`` > 0: refuse with 42903 when the model has that many jobs queued or running (atomic)."""
         return await self.store.submit(job, max_queue)
 
-    async def start(self, job: Job, max_queue: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
+    async def start(
+        self, job: Job, max_queue: int = 0, *, tap: Tap | None = None, **timeouts: float | None
+    ) -> AsyncIterator[Event]:
         """Subscribe and queue the job now (a refusal, e.g. 42903 for a full queue, raises here, before any
         event), then return its event stream, through the terminal event.
 
@@ -72,17 +74,21 @@ class AsyncClient:
         less before the job is queued. An event published before the subscription took effect is read from the
         replay record (gap or quiet-spell check), so nothing is lost either way. Given up before its end, the
         job is cancelled when no other reader wants it (``cancel_abandoned``). The stream is a generator that
-        has already started, so even one that is dropped without being read is closed (by asyncio's finaliser)."""
-        events = self._run(job, max_queue, timeouts)
+        has already started, so even one that is dropped without being read is closed (by asyncio's finaliser).
+        A ``tap`` whose sink is set takes the deltas that arrive in order directly (protocol/tap.py); the stream
+        then yields only the others."""
+        events = self._run(job, max_queue, tap, timeouts)
         assert await anext(events) is None  # up to the submission
         return events  # type: ignore[return-value]  # every item after the first is an Event
 
     async def generate(self, job: Job, max_queue: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
         """``start`` and read the stream."""
-        async for event in await self.start(job, max_queue, **timeouts):
+        async for event in await self.start(job, max_queue, tap=None, **timeouts):
             yield event
 
-    async def _run(self, job: Job, max_queue: int, timeouts: dict[str, float | None]) -> AsyncIterator[Event | None]:
+    async def _run(
+        self, job: Job, max_queue: int, tap: Tap | None, timeouts: dict[str, float | None]
+    ) -> AsyncIterator[Event | None]:
         reader, queued, finished, gave_up = self.readers.new(job.id), False, False, False
         try:
             with self.subscriber.open(c.job_channel(job.id)) as subscription:
@@ -93,7 +99,7 @@ class AsyncClient:
                 queued = True
                 yield None
                 try:
-                    async for event in self._events(job.id, subscription.queue, 0, **timeouts):
+                    async for event in self._events(job.id, subscription.queue, 0, tap, **timeouts):
                         finished = is_terminal(event)
                         yield event
                 except JobError:  # the caller is told the job failed (e.g. not started in time): no grace
@@ -103,14 +109,17 @@ class AsyncClient:
             cancel = self.cancel_abandoned and queued and not finished
             self.readers.leave_later(reader, cancel=cancel, grace=not gave_up)
 
-    async def stream(self, job_id: str, after_seq: int = 0, **timeouts: float | None) -> AsyncIterator[Event]:
+    async def stream(
+        self, job_id: str, after_seq: int = 0, *, tap: Tap | None = None, **timeouts: float | None
+    ) -> AsyncIterator[Event]:
         """Events of a job with seq > after_seq (resume after a dropped connection), through the terminal one.
-        A reader of the job meanwhile (another reader's hang-up does not cancel it); it never cancels it."""
+        A reader of the job meanwhile (another reader's hang-up does not cancel it); it never cancels it.
+        ``tap`` as for ``start``."""
         reader = self.readers.new(job_id)
         try:
             with self.subscriber.open(c.job_channel(job_id)) as subscription:
                 await asyncio.gather(subscription.confirmed(), self.readers.join(reader))
-                async for event in self._events(job_id, subscription.queue, after_seq, **timeouts):
+                async for event in self._events(job_id, subscription.queue, after_seq, tap, **timeouts):
                     yield event
         finally:
             self.readers.leave_later(reader, cancel=False)
@@ -120,11 +129,13 @@ class AsyncClient:
         job_id: str,
         queue: Inbox,
         after_seq: int,
+        tap: Tap | None,
         start_timeout_s: float | None = None,
         idle_timeout_s: float | None = None,
     ) -> AsyncIterator[Event]:
         delivered, started = Delivered(job_id, after_seq), time.monotonic()
-        last_event_at = started
+        if tap is not None:
+            queue.take_directly(next_deltas(tap, delivered))
         pending = await jobs.replay(self.redis, job_id, after_seq)
         while True:
             for event in pending:
@@ -134,12 +145,11 @@ class AsyncClient:
                 if event.seq != delivered.last + 1:
                     break  # a gap: the replay below fills it
                 delivered.add(event)
-                last_event_at = time.monotonic()
                 yield event
                 if is_terminal(event):
                     return
             received = delivered.last - after_seq
-            _check_timeouts(job_id, received, started, last_event_at, start_timeout_s, idle_timeout_s)
+            _check_timeouts(job_id, received, started, delivered.at, start_timeout_s, idle_timeout_s)
             pending = await self._next(job_id, queue, delivered)
 
     async def _next(self, job_id: str, queue: Inbox, delivered: Delivered) -> list[Event]:
@@ -199,13 +209,15 @@ class Delivered:
         self.job_id = job_id
         self.after_seq = after_seq
         self.last = after_seq
-        self._recent: OrderedDict[int, Event] = OrderedDict()
+        self.at = time.monotonic()  # when the last event was delivered (the idle timeout counts from it)
+        self._recent: dict[int, Event] = {}
 
     def add(self, event: Event) -> None:
+        """``event`` is the next in order (seq ``last`` + 1): the KEEP most recent are consecutive seqs."""
         self.last = event.seq
+        self.at = time.monotonic()
         self._recent[event.seq] = event
-        if len(self._recent) > self.KEEP:
-            self._recent.popitem(last=False)
+        self._recent.pop(event.seq - self.KEEP, None)
 
     def check_again(self, event: Event) -> None:
         """``event`` has a seq already delivered: it must be the same event."""
