@@ -18,7 +18,7 @@ from broker_worker.model.fake_engine import FakeEngine
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
 from broker_worker.protocol.connections import async_redis
-from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
+from broker_worker.protocol.jobs import CANCELLED, FENCED, Announce, JobStore
 from broker_worker.protocol.messages import Cancelled, Delta, Job, WorkerHealth
 from broker_worker.settings import WorkerSettings
 from broker_worker.worker import Worker
@@ -212,3 +212,45 @@ async def test_stale_worker_ids_are_pruned_and_health_keys_expire(ar: aioredis.R
     assert [w.worker_id for w in await health.live_workers(ar)] == ["me"]  # no health key: not live
     await health.remove(ar, "me")
     assert r.zrange(c.WORKERS_INDEX, 0, -1) == ["still-fresh"] and not r.exists(c.worker_health_key("me"))
+
+
+async def test_the_start_script_publishes_the_started_event_of_a_run_it_lets_run(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """With ``announce`` the start script records and publishes the run's ``started`` event in its own step (one
+    round trip less before the first token); the run's own publishes go on after it."""
+    store = JobStore(ar)
+    pubsub = r.pubsub()
+    pubsub.ssubscribe(c.job_channel("ann"))
+    assert pubsub.get_sharded_message(timeout=2)["type"] == "ssubscribe"
+    first = await store.start("ann", "1-0", "t1", "w1", 0, announce=Announce("w1", 3, False))
+    assert (first.run, first.started, first.seq, first.resumed) == (True, True, 0, False)
+    live = pubsub.get_sharded_message(timeout=2)
+    assert json.loads(live["data"]) == {"seq": 1, "type": "started", "worker": "w1", "resumed": False}
+    assert await store.publish("ann", "t1", Delta(text="a"), 2) == 2
+    taken_over = await store.start("ann", "1-0", "t2", "w2", 0, announce=Announce("w2", 3, False))
+    assert (taken_over.started, taken_over.seq, taken_over.resumed) == (True, 2, True)
+    assert await store.publish("ann", "t1", Delta(text="b"), 4) == FENCED
+    recorded = [json.loads(fields["e"]) for _, fields in r.xrange(c.job_events_key("ann"))]
+    assert [(e["seq"], e["type"], e.get("worker"), e.get("resumed")) for e in recorded] == [
+        (1, "started", "w1", False),
+        (2, "delta", None, None),
+        (3, "started", "w2", True),
+    ]
+    assert 3590 < r.ttl(c.job_events_key("ann")) <= c.JOB_TTL_S
+    pubsub.close()
+
+
+async def test_the_start_script_announces_no_run_the_worker_refuses(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """Cancelled, past its deadline (not resumed), or past its attempts: the worker publishes the refusal as the
+    job's first event, so the start script must publish nothing."""
+    store = JobStore(ar)
+    r.set(c.job_cancel_key("gone"), "1")
+    cancelled = await store.start("gone", "1-0", "t", "w", 0, announce=Announce("w", 3, False))
+    late = await store.start("late", "1-0", "t", "w", 0, announce=Announce("w", 3, True))
+    assert (await store.start("tired", "1-0", "a", "w", 0, announce=Announce("w", 1, False))).started
+    tired = await store.start("tired", "1-0", "b", "w", 0, announce=Announce("w", 1, False))
+    assert [(d.run, d.started) for d in (cancelled, late, tired)] == [(True, False)] * 3
+    assert tired.attempts == 2 and tired.seq == 1
+    assert [r.xlen(c.job_events_key(j)) for j in ("gone", "late", "tired")] == [0, 0, 1]
+    assert r.hget(c.job_state_key("late"), "seq") is None

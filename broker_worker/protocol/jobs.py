@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
+from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, Started, parse_event
 from broker_worker.protocol.publish_batch import PublishBatcher
 from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
 from broker_worker.protocol.script_pipeline import evalsha_pipeline
@@ -52,12 +52,31 @@ class StartDecision:
     #: The job's status when this start found it a duplicate (it is not run again).
     duplicate_of: str
     attempts: int
+    #: Events recorded for the job before this run.
     seq: int
     cancelled: bool
+    #: The start script recorded and published this run's ``started`` event (seq ``seq + 1``).
+    started: bool = False
 
     @property
     def resumed(self) -> bool:
         return self.seq > 0
+
+
+@dataclass(frozen=True)
+class Announce:
+    """What the start script needs to publish a run's ``started`` event itself (lua/start.lua's ARGV[7:])."""
+
+    worker_id: str
+    max_attempts: int
+    #: The job's deadline passed: only a resumed run goes on (``Job.expired``).
+    expired: bool
+
+    def args(self) -> list[str | int]:
+        fresh, resumed = (
+            Started(worker=self.worker_id, resumed=r).model_dump_json(exclude={"seq"})[1:] for r in (False, True)
+        )
+        return [self.max_attempts, int(self.expired), fresh, resumed, c.REPLAY_MAXLEN]
 
 
 class JobStore:
@@ -87,15 +106,25 @@ class JobStore:
         self._enqueue = redis.register_script(lua("enqueue"))
 
     async def start(
-        self, job_id: str, entry_id: str, token: str, worker_id: str, now_ms: int, fresh_run_ms: int = 0
+        self,
+        job_id: str,
+        entry_id: str,
+        token: str,
+        worker_id: str,
+        now_ms: int,
+        fresh_run_ms: int = 0,
+        announce: Announce | None = None,
     ) -> StartDecision:
         """Decide whether this delivery runs the job. Taking over a run that started less than ``fresh_run_ms``
-        ago (Redis' clock) counts no attempt: both workers were handed the entry at once."""
+        ago (Redis' clock) counts no attempt: both workers were handed the entry at once. With ``announce``, a
+        run that is not refused also gets its ``started`` event, recorded and published in the same step."""
         k = JobKeys.of(job_id)
         args: list[str | int] = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms]
-        action, status, seq, cancelled = await self._start(keys=[k.state, k.cancel, k.events], args=args)
+        if announce is not None:
+            args += announce.args()
+        action, status, seq, cancelled, *started = await self._start(keys=[k.state, k.cancel, k.events], args=args)
         if action == "run":
-            return StartDecision(True, "", int(status), int(seq), bool(cancelled))
+            return StartDecision(True, "", int(status), int(seq), bool(cancelled), bool(started and started[0]))
         return StartDecision(False, str(status), 0, int(seq), bool(cancelled))
 
     async def publish(self, job_id: str, token: str, event: Event, seq: int) -> int:
