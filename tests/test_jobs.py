@@ -17,9 +17,12 @@ import redis.asyncio as aioredis
 from broker_worker.model.fake_engine import FakeEngine
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
+from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.inbox import Inbox
 from broker_worker.protocol.jobs import CANCELLED, FENCED, Announce, JobStore
-from broker_worker.protocol.messages import Cancelled, Delta, Job, WorkerHealth
+from broker_worker.protocol.messages import Cancelled, Delta, Done, Job, Usage, WorkerHealth
+from broker_worker.protocol.readers import job_readers_key
 from broker_worker.settings import WorkerSettings
 from broker_worker.worker import Worker
 from tests.helpers import RedisServer, job, wait_for
@@ -254,3 +257,48 @@ async def test_the_start_script_announces_no_run_the_worker_refuses(ar: aioredis
     assert tired.attempts == 2 and tired.seq == 1
     assert [r.xlen(c.job_events_key(j)) for j in ("gone", "late", "tired")] == [0, 0, 1]
     assert r.hget(c.job_state_key("late"), "seq") is None
+
+
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_new_job_streams_live_from_its_first_event_without_reading_the_replay_first(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """A new id has no events before its submission: its stream starts live (no XRANGE before the first token),
+    with its reader joined in the submission's round trip. A known id (here: finished) reads the replay first."""
+    worker = Worker(WorkerSettings(fake_engine=True, heartbeat_s=0.5), FakeEngine(), ar)
+    running = asyncio.create_task(worker.run())
+    client = AsyncClient(ar)
+    try:
+        before, readers = _calls(r, "xrange"), []
+        events = []
+        async for event in client.generate(Job.model_validate(job("fresh", tokens=5))):
+            readers.append(r.zcard(job_readers_key("fresh")))
+            events.append(event)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert (events[0].type, events[-1].type, readers[0]) == ("started", "done", 1)
+        assert _calls(r, "xrange") == before
+        again = [e async for e in client.generate(Job.model_validate(job("fresh", tokens=5)))]
+        assert again == events and _calls(r, "xrange") > before
+    finally:
+        worker.stop()
+        await running
+        await client.close()
+
+
+async def test_events_published_before_a_live_stream_began_are_read_from_the_replay(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """Without the replay read first, events that went by before the subscription was live show as a gap at the
+    first live one, and the replay fills it: nothing is lost."""
+    store, client = JobStore(ar), AsyncClient(ar)
+    await store.start("gap", "1-0", "t", "w", 0, announce=Announce("w", 3, False))
+    await store.publish("gap", "t", Delta(text="a"), 2)
+    await store.publish("gap", "t", Done(finish_reason="stop", usage=Usage()), 3)
+    inbox = Inbox()
+    inbox.put_nowait(r.xrevrange(c.job_events_key("gap"), count=1)[0][1]["e"])  # only the last one arrived live
+    events = [e async for e in client._events("gap", inbox, 0, replay_first=False)]
+    assert [(e.seq, e.type) for e in events] == [(1, "started"), (2, "delta"), (3, "done")]
+    await client.close()
