@@ -21,8 +21,8 @@ from broker_worker.job_queue import Entry
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems
-from broker_worker.protocol.image_refs import resolve_images
-from broker_worker.protocol.jobs import FENCED, JobStore, entry_job_id, replay, replay_text
+from broker_worker.protocol.image_refs import is_ref, resolve_images
+from broker_worker.protocol.jobs import FENCED, Announce, JobStore, StartDecision, entry_job_id, replay, replay_text
 from broker_worker.protocol.messages import Cancelled, Done, Event, Failed, Job, Started, Usage, now_ms
 from broker_worker.protocol.states import StopReason
 from broker_worker.relay import Handback, Relay, Running, Throughput
@@ -80,29 +80,39 @@ class JobRunner:
         log.info("job %s received (entry %s%s)", job.id, entry.entry_id, ", reclaimed" if entry.reclaimed else "")
         token = uuid.uuid4().hex[:12]
         fresh_run_ms = int(self.settings.lease_s * 500)  # half a lease: no run fails that fast unnoticed
-        decision = await self.store.start(job.id, entry.entry_id, token, self.worker_id, now_ms(), fresh_run_ms)
+        expired = job.expired()  # once: the start script and the refusal below must agree
+        # The start script publishes the run's started event itself (one round trip less before the first token).
+        # A count-only job has none; a job with images by reference gets it once they are read (a missing one
+        # fails the job before it started).
+        plain = not job.count_only and not any(is_ref(b) for m in job.prompt for b in m.image)
+        announce = Announce(self.worker_id, self.settings.max_attempts, expired) if plain else None
+        decision = await self.store.start(
+            job.id, entry.entry_id, token, self.worker_id, now_ms(), fresh_run_ms, announce
+        )
         if not decision.run:
             log.info("job %s duplicate of a %s job: not run again", job.id, decision.duplicate_of)
             await entry.queue.finish(entry.entry_id)
             return
-        run = Running(job, entry, token, seq=decision.seq)
-        if reason := self._refusal(job, decision.attempts, decision.cancelled, decision.resumed):
+        run = Running(job, entry, token, seq=decision.seq + int(decision.started))
+        if reason := self._refusal(job, decision.attempts, decision.cancelled, decision.resumed, expired):
             await self._refuse(run, *reason)
             return
         self.running[job.id] = run
         try:
-            await self._execute(run, decision.resumed, entry.reclaimed, decision.attempts)
+            await self._execute(run, decision)
         finally:
             if self.running.get(job.id) is run:  # a later run of the same job (after a freeze) keeps its tracking
                 del self.running[job.id]
 
-    def _refusal(self, job: Job, attempts: int, cancelled: bool, resumed: bool) -> tuple[str, Event] | None:
+    def _refusal(
+        self, job: Job, attempts: int, cancelled: bool, resumed: bool, expired: bool
+    ) -> tuple[str, Event] | None:
         if cancelled:
             return "cancelled before start", Cancelled()
         if attempts > self.settings.max_attempts:
             message = f"job failed on {attempts - 1} deliveries (limit {self.settings.max_attempts}); dead-lettered"
             return "dead-lettered", Failed(error_code=ErrorCode.INTERNAL_ERROR, message=message)
-        if job.expired() and not resumed:
+        if expired and not resumed:
             late = (now_ms() - (job.deadline_ms or 0)) / 1000
             message = f"no worker started the job before its deadline ({late:.1f}s late); it was not run"
             return "deadline passed", Failed(error_code=ErrorCode.CONTROLLER_WORKER_TIMEOUT, message=message)
@@ -116,22 +126,23 @@ class JobRunner:
         await run.publish(self.store, event)
         await run.queue.finish(run.entry_id)
 
-    async def _execute(self, run: Running, resumed: bool, reclaimed: bool, attempt: int) -> None:
-        job, started = run.job, time.perf_counter()
+    async def _execute(self, run: Running, decision: StartDecision) -> None:
+        job, started, resumed = run.job, time.perf_counter(), decision.resumed
         prefix = replay_text(await replay(self.store.redis, job.id)) if resumed else ""
         queued_s = max(0.0, (now_ms() - job.created_ms) / 1000)
         how = "resumed" if resumed else "started"
         log.info(
             "job %s %s (queued %.2fs, %d chars already sent%s)",
-            *(job.id, how, queued_s, len(prefix), ", reclaimed" if reclaimed else ""),
+            *(job.id, how, queued_s, len(prefix), ", reclaimed" if run.entry.reclaimed else ""),
         )
         try:
-            finish = await self._produce(run, prefix, resumed)
+            announce = None if decision.started else Started(worker=self.worker_id, resumed=resumed)
+            finish = await self._produce(run, prefix, announce)
         except Handback:
             if await self._hand_back(run):
                 log.info("job %s handed back on shutdown; another worker resumes it", job.id)
         except JobError as exc:
-            await self._on_job_error(run, exc, attempt, started)
+            await self._on_job_error(run, exc, decision.attempts, started)
         except Exception as exc:  # the error boundary: log the real error, tell the client what it was
             log.exception("job %s crashed in the engine", job.id)
             failed = Failed(error_code=ErrorCode.INTERNAL_ERROR, message=f"{type(exc).__name__}: {exc}")
@@ -139,13 +150,14 @@ class JobRunner:
         else:
             await self._conclude(run, finish, started)
 
-    async def _produce(self, run: Running, prefix: str, resumed: bool) -> Finish:
+    async def _produce(self, run: Running, prefix: str, started: Started | None) -> Finish:
+        """``started``: the event to publish first, unless the start script published it already (None)."""
         run.job = await resolve_images(self.store.redis, run.job)  # images by reference (40001 when missing)
         if run.job.count_only:
             return await self._count(run.job)
         interval = self.settings.stream_interval_ms / 1000
         relay = Relay(self.store, self.engine, self.executor, run, interval, self.throughput)
-        return await relay.generate(prefix, Started(worker=self.worker_id, resumed=resumed))
+        return await relay.generate(prefix, started)
 
     async def _on_job_error(self, run: Running, exc: JobError, attempt: int, started: float) -> None:
         """Transient errors (CUDA OOM) go back to the queue as a counted attempt; the rest fail the job."""

@@ -6,7 +6,7 @@ worker takes, and stops at the first step that gives it anything:
 
 1. interactive entries idle past the lease (a dead or frozen worker's, or handed back), when a take-over pass is
    due;
-2. new interactive entries;
+2. new interactive entries (not right after a wait that read them all: step 5 sees any newer one at once);
 3. batch entries idle past the lease, when a take-over pass is due;
 4. new batch entries;
 5. otherwise it waits on the interactive stream, so an interactive arrival is seen at once; a batch arrival is
@@ -33,6 +33,8 @@ class Lanes:
     def __init__(self, redis: aioredis.Redis, model: str, consumer: str, lease_s: float) -> None:
         #: Highest priority first.
         self.queues = [JobQueue(redis, model, consumer, lease_s, lane) for lane in c.LANES]
+        #: The last wait read the first lane's new entries to the end (it returned fewer than asked for).
+        self._first_read_out = False
 
     @property
     def streams(self) -> list[str]:
@@ -46,14 +48,20 @@ class Lanes:
         """Up to ``count`` entries in lane order (see the module's docstring). ``running`` are this worker's own
         entries: a take-over pass claims them back without returning them."""
         own = list(running)
-        for queue in self.queues:
+        read_out, self._first_read_out = self._first_read_out, False
+        for index, queue in enumerate(self.queues):
             if take_over:
                 skip = {entry.entry_id for entry in own if entry.queue is queue}
                 if taken := await queue.take_over(count, skip):
                     return taken
-            if new := await queue.take_new(count):
+            # Right after a wait that read the first lane to its end, reading it again would find only what came
+            # in since (the wait below finds that at once): one round trip less per job arrival, while the
+            # arrival's job starts.
+            if not (index == 0 and read_out) and (new := await queue.take_new(count)):
                 return new
-        return await wait_new(self.queues[:1], count, block_ms)
+        taken = await wait_new(self.queues[:1], count, block_ms)
+        self._first_read_out = len(taken) < count
+        return taken
 
     async def keep(self, running: Iterable[Entry]) -> None:
         """Renew the lease of the entries this worker runs, each on its own stream."""

@@ -96,8 +96,9 @@ class Relay:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
 
-    async def generate(self, prefix: str, started: Started) -> Finish:
-        """``started`` goes out first, while the engine already prepares the prompt (one round trip less)."""
+    async def generate(self, prefix: str, started: Started | None) -> Finish:
+        """``started`` (unless the start script published it: None) goes out first, while the engine already
+        prepares the prompt (one round trip less)."""
         loop = asyncio.get_running_loop()
 
         def feed(text: str) -> None:  # called on the engine's thread
@@ -121,8 +122,8 @@ class Relay:
         self._buffer.append(text)
         self._wake.set()
 
-    async def _pump(self, started: Started) -> None:
-        if await self._publish_with_retry(started) == FENCED:
+    async def _pump(self, started: Started | None) -> None:
+        if started is not None and await self._publish_with_retry(started) == FENCED:
             self.run.stop(StopReason.FENCED)
         last = 0.0
         while True:

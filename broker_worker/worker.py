@@ -119,8 +119,12 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             try:
-                for entry in await self._take():
-                    self._spawn(entry)
+                if taken := await self._take():
+                    for entry in taken:
+                        self._spawn(entry)
+                    # Each new job sends its start script before the next take sends its reads: the job's first
+                    # token waits on that script, and the next take's replies only on Redis.
+                    await asyncio.sleep(0)
             except (RedisError, OSError) as exc:
                 await self._on_redis_error("take", exc)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from broker_worker.protocol.messages import Event, Failed, Job, Usage, WorkerHea
 from broker_worker.protocol.tap import Tap
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway.service")
 
 STATUS_REUSE_S = 0.25
 
@@ -54,6 +58,7 @@ class GatewayService:
         self._status: Status | None = None
         self._status_at = 0.0
         self._last_served: dict[str, float] = {}  # model -> when a live worker last served it (monotonic)
+        self._refresh: asyncio.Task[None] | None = None
 
     @property
     def draining(self) -> bool:
@@ -74,11 +79,27 @@ class GatewayService:
 
     async def recent_status(self, model: str) -> Status:
         """Admission reuses a status younger than STATUS_REUSE_S: three Redis round trips less per request.
-        A model missing from it is looked up fresh before it is refused."""
-        cached = self._status
-        if cached is not None and time.monotonic() - self._status_at < STATUS_REUSE_S and model in cached.model_names:
-            return cached
-        return await self.status()
+        A model missing from it is looked up fresh before it is refused.
+
+        An older status that lists the model is reused too, while a fresh one is read in the background, as long
+        as it is younger than ``admit_grace_s``: within that time the model is admitted whatever a fresh status
+        says (``_served_lately``), so no request needs to wait for it."""
+        cached, age = self._status, time.monotonic() - self._status_at
+        if cached is None or model not in cached.model_names or age >= max(STATUS_REUSE_S, self.settings.admit_grace_s):
+            return await self.status()
+        if age >= STATUS_REUSE_S:
+            self._refresh_in_background()
+        return cached
+
+    def _refresh_in_background(self) -> None:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._refresh_status())
+
+    async def _refresh_status(self) -> None:
+        try:
+            await self.status()
+        except (RedisError, OSError) as exc:  # the next admission past STATUS_REUSE_S tries again
+            log.warning("could not refresh the workers' status: %s", exc)
 
     async def admit(self, model: str) -> None:
         """Refuse at once what no worker will take: an unknown model (40301). (A full queue is refused when the

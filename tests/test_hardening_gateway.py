@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,14 +34,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import BaseRoute, Route
 
 from broker_worker.logs import RedactingFormatter
+from broker_worker.protocol import health
+from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis, redact, redact_text
-from broker_worker.protocol.messages import ChatMessage, SamplingParams
+from broker_worker.protocol.messages import ChatMessage, SamplingParams, WorkerHealth
 from broker_worker.protocol.pubsub import RESYNC, Subscriber
 from broker_worker.protocol.readers import Readers, job_readers_key
 from gateway import validation
 from gateway.app import create_app
 from gateway.auth import OPEN_PATHS
 from gateway.image_bytes import trim
+from gateway.metrics import Metrics
+from gateway.service import STATUS_REUSE_S, GatewayService
 from gateway.settings import GatewaySettings
 from tests.helpers import Proc, RedisServer, served_models, spawn, spawn_gateway, wait_for, worker_args
 from tests.test_reliability import consistent, expected
@@ -696,3 +701,25 @@ def test_queue_limit_holds_under_a_burst_and_refusals_are_http_429(  # type: ign
     assert (codes.count(200), codes.count(429)) == (5, 35), codes
     assert all(b"42903" in text for code, text in results if code == 429)
     assert max(depths) <= 5
+
+
+async def test_admission_does_not_wait_for_redis_while_the_model_was_seen_within_the_grace(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """A status older than STATUS_REUSE_S is read again in the background: within --admit-grace-s of seeing the
+    model the answer is "admit" whatever Redis says, so a request does not wait three round trips for it."""
+    client = AsyncClient(async_redis(redis_server.url))
+    service = GatewayService(GatewaySettings(), client, Metrics())
+    try:
+        await health.record(client.redis, WorkerHealth(worker_id="w", model="m", slots=1, running=0), 10)
+        await service.admit("m")
+        seen = service._status_at
+        await asyncio.sleep(STATUS_REUSE_S + 0.05)
+        r.execute_command("CLIENT", "PAUSE", 1000, "ALL")  # every command waits a second from now
+        started = time.monotonic()
+        await service.admit("m")
+        assert time.monotonic() - started < 0.5
+        await asyncio.to_thread(wait_for, lambda: service._status_at > seen, 10, "the status to be read again")
+    finally:
+        r.execute_command("CLIENT", "UNPAUSE")
+        await client.close()

@@ -17,9 +17,12 @@ import redis.asyncio as aioredis
 from broker_worker.model.fake_engine import FakeEngine
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
+from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
-from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
-from broker_worker.protocol.messages import Cancelled, Delta, Job, WorkerHealth
+from broker_worker.protocol.inbox import Inbox
+from broker_worker.protocol.jobs import CANCELLED, FENCED, Announce, JobStore
+from broker_worker.protocol.messages import Cancelled, Delta, Done, Job, Usage, WorkerHealth
+from broker_worker.protocol.readers import job_readers_key
 from broker_worker.settings import WorkerSettings
 from broker_worker.worker import Worker
 from tests.helpers import RedisServer, job, wait_for
@@ -212,3 +215,90 @@ async def test_stale_worker_ids_are_pruned_and_health_keys_expire(ar: aioredis.R
     assert [w.worker_id for w in await health.live_workers(ar)] == ["me"]  # no health key: not live
     await health.remove(ar, "me")
     assert r.zrange(c.WORKERS_INDEX, 0, -1) == ["still-fresh"] and not r.exists(c.worker_health_key("me"))
+
+
+async def test_the_start_script_publishes_the_started_event_of_a_run_it_lets_run(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """With ``announce`` the start script records and publishes the run's ``started`` event in its own step (one
+    round trip less before the first token); the run's own publishes go on after it."""
+    store = JobStore(ar)
+    pubsub = r.pubsub()
+    pubsub.ssubscribe(c.job_channel("ann"))
+    assert pubsub.get_sharded_message(timeout=2)["type"] == "ssubscribe"
+    first = await store.start("ann", "1-0", "t1", "w1", 0, announce=Announce("w1", 3, False))
+    assert (first.run, first.started, first.seq, first.resumed) == (True, True, 0, False)
+    live = pubsub.get_sharded_message(timeout=2)
+    assert json.loads(live["data"]) == {"seq": 1, "type": "started", "worker": "w1", "resumed": False}
+    assert await store.publish("ann", "t1", Delta(text="a"), 2) == 2
+    taken_over = await store.start("ann", "1-0", "t2", "w2", 0, announce=Announce("w2", 3, False))
+    assert (taken_over.started, taken_over.seq, taken_over.resumed) == (True, 2, True)
+    assert await store.publish("ann", "t1", Delta(text="b"), 4) == FENCED
+    recorded = [json.loads(fields["e"]) for _, fields in r.xrange(c.job_events_key("ann"))]
+    assert [(e["seq"], e["type"], e.get("worker"), e.get("resumed")) for e in recorded] == [
+        (1, "started", "w1", False),
+        (2, "delta", None, None),
+        (3, "started", "w2", True),
+    ]
+    assert 3590 < r.ttl(c.job_events_key("ann")) <= c.JOB_TTL_S
+    pubsub.close()
+
+
+async def test_the_start_script_announces_no_run_the_worker_refuses(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """Cancelled, past its deadline (not resumed), or past its attempts: the worker publishes the refusal as the
+    job's first event, so the start script must publish nothing."""
+    store = JobStore(ar)
+    r.set(c.job_cancel_key("gone"), "1")
+    cancelled = await store.start("gone", "1-0", "t", "w", 0, announce=Announce("w", 3, False))
+    late = await store.start("late", "1-0", "t", "w", 0, announce=Announce("w", 3, True))
+    assert (await store.start("tired", "1-0", "a", "w", 0, announce=Announce("w", 1, False))).started
+    tired = await store.start("tired", "1-0", "b", "w", 0, announce=Announce("w", 1, False))
+    assert [(d.run, d.started) for d in (cancelled, late, tired)] == [(True, False)] * 3
+    assert tired.attempts == 2 and tired.seq == 1
+    assert [r.xlen(c.job_events_key(j)) for j in ("gone", "late", "tired")] == [0, 0, 1]
+    assert r.hget(c.job_state_key("late"), "seq") is None
+
+
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_new_job_streams_live_from_its_first_event_without_reading_the_replay_first(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """A new id has no events before its submission: its stream starts live (no XRANGE before the first token),
+    with its reader joined in the submission's round trip. A known id (here: finished) reads the replay first."""
+    worker = Worker(WorkerSettings(fake_engine=True, heartbeat_s=0.5), FakeEngine(), ar)
+    running = asyncio.create_task(worker.run())
+    client = AsyncClient(ar)
+    try:
+        before, readers = _calls(r, "xrange"), []
+        events = []
+        async for event in client.generate(Job.model_validate(job("fresh", tokens=5))):
+            readers.append(r.zcard(job_readers_key("fresh")))
+            events.append(event)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert (events[0].type, events[-1].type, readers[0]) == ("started", "done", 1)
+        assert _calls(r, "xrange") == before
+        again = [e async for e in client.generate(Job.model_validate(job("fresh", tokens=5)))]
+        assert again == events and _calls(r, "xrange") > before
+    finally:
+        worker.stop()
+        await running
+        await client.close()
+
+
+async def test_events_published_before_a_live_stream_began_are_read_from_the_replay(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """Without the replay read first, events that went by before the subscription was live show as a gap at the
+    first live one, and the replay fills it: nothing is lost."""
+    store, client = JobStore(ar), AsyncClient(ar)
+    await store.start("gap", "1-0", "t", "w", 0, announce=Announce("w", 3, False))
+    await store.publish("gap", "t", Delta(text="a"), 2)
+    await store.publish("gap", "t", Done(finish_reason="stop", usage=Usage()), 3)
+    inbox = Inbox()
+    inbox.put_nowait(r.xrevrange(c.job_events_key("gap"), count=1)[0][1]["e"])  # only the last one arrived live
+    events = [e async for e in client._events("gap", inbox, 0, replay_first=False)]
+    assert [(e.seq, e.type) for e in events] == [(1, "started"), (2, "delta"), (3, "done")]
+    await client.close()

@@ -70,9 +70,12 @@ class AsyncClient:
         """Subscribe and queue the job now (a refusal, e.g. 42903 for a full queue, raises here, before any
         event), then return its event stream, through the terminal event.
 
-        SUBSCRIBE is sent first but its confirmation is awaited together with the submission: one round trip
-        less before the job is queued. An event published before the subscription took effect is read from the
-        replay record (gap or quiet-spell check), so nothing is lost either way. Given up before its end, the
+        SUBSCRIBE is sent first but its confirmation is awaited together with the submission (which carries the
+        reader's join: one round trip): one round trip less before the job is queued. An event published before
+        the subscription took effect is read from the replay record (gap or quiet-spell check), so nothing is lost
+        either way. The replay is read up front only for an id Redis knew already (a retry: its events may all be
+        recorded) or when the subscription was not confirmed; for a new id the live events come from seq 1 on,
+        and any that went by before the subscription shows as a gap. Given up before its end, the
         job is cancelled when no other reader wants it (``cancel_abandoned``). The stream is a generator that
         has already started, so even one that is dropped without being read is closed (by asyncio's finaliser).
         A ``tap`` whose sink is set takes the deltas that arrive in order directly (protocol/tap.py); the stream
@@ -92,14 +95,20 @@ class AsyncClient:
         reader, queued, finished, gave_up = self.readers.new(job.id), False, False, False
         try:
             with self.subscriber.open(c.job_channel(job.id)) as subscription:
-                steps = subscription.confirmed(), self.submit(job, max_queue), self.readers.join(reader)
-                results = await asyncio.gather(*steps, return_exceptions=True)
-                if error := next((r for r in results if isinstance(r, BaseException)), None):
-                    raise error
+                join = self.readers.join_call(reader)
+                submission = self.store.queue(job, max_queue, also=[join] if join else [])
+                confirmed, submitted = await asyncio.gather(
+                    subscription.confirmed(), submission, return_exceptions=True
+                )
+                if isinstance(submitted, BaseException):
+                    raise submitted
+                if isinstance(confirmed, BaseException):
+                    raise confirmed
                 queued = True
                 yield None
+                replay_first = not (confirmed and submitted.new)
                 try:
-                    async for event in self._events(job.id, subscription.queue, 0, tap, **timeouts):
+                    async for event in self._events(job.id, subscription.queue, 0, tap, replay_first, **timeouts):
                         finished = is_terminal(event)
                         yield event
                 except JobError:  # the caller is told the job failed (e.g. not started in time): no grace
@@ -119,7 +128,7 @@ class AsyncClient:
         try:
             with self.subscriber.open(c.job_channel(job_id)) as subscription:
                 await asyncio.gather(subscription.confirmed(), self.readers.join(reader))
-                async for event in self._events(job_id, subscription.queue, after_seq, tap, **timeouts):
+                async for event in self._events(job_id, subscription.queue, after_seq, tap, True, **timeouts):
                     yield event
         finally:
             self.readers.leave_later(reader, cancel=False)
@@ -130,13 +139,14 @@ class AsyncClient:
         queue: Inbox,
         after_seq: int,
         tap: Tap | None,
+        replay_first: bool = True,
         start_timeout_s: float | None = None,
         idle_timeout_s: float | None = None,
     ) -> AsyncIterator[Event]:
         delivered, started = Delivered(job_id, after_seq), time.monotonic()
         if tap is not None:
             queue.take_directly(next_deltas(tap, delivered))
-        pending = await jobs.replay(self.redis, job_id, after_seq)
+        pending = await jobs.replay(self.redis, job_id, after_seq) if replay_first else []
         while True:
             for event in pending:
                 if event.seq <= delivered.last:

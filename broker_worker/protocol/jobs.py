@@ -8,21 +8,23 @@ import asyncio
 import functools
 import json
 import re
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
+from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, Started, parse_event
 from broker_worker.protocol.publish_batch import PublishBatcher
 from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
-from broker_worker.protocol.script_pipeline import evalsha_pipeline
+from broker_worker.protocol.script_pipeline import ScriptCall, evalsha_pipeline
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
 
+T = TypeVar("T")
 FENCED = PublishRefused.FENCED
 CANCELLED = PublishRefused.CANCELLED
 #: XREAD / XREADGROUP reply with decode_responses: [(stream, [(entry id, fields), …]), …], or None on timeout.
@@ -52,12 +54,31 @@ class StartDecision:
     #: The job's status when this start found it a duplicate (it is not run again).
     duplicate_of: str
     attempts: int
+    #: Events recorded for the job before this run.
     seq: int
     cancelled: bool
+    #: The start script recorded and published this run's ``started`` event (seq ``seq + 1``).
+    started: bool = False
 
     @property
     def resumed(self) -> bool:
         return self.seq > 0
+
+
+@dataclass(frozen=True)
+class Announce:
+    """What the start script needs to publish a run's ``started`` event itself (lua/start.lua's ARGV[7:])."""
+
+    worker_id: str
+    max_attempts: int
+    #: The job's deadline passed: only a resumed run goes on (``Job.expired``).
+    expired: bool
+
+    def args(self) -> list[str | int]:
+        fresh, resumed = (
+            Started(worker=self.worker_id, resumed=r).model_dump_json(exclude={"seq"})[1:] for r in (False, True)
+        )
+        return [self.max_attempts, int(self.expired), fresh, resumed, c.REPLAY_MAXLEN]
 
 
 class JobStore:
@@ -87,15 +108,25 @@ class JobStore:
         self._enqueue = redis.register_script(lua("enqueue"))
 
     async def start(
-        self, job_id: str, entry_id: str, token: str, worker_id: str, now_ms: int, fresh_run_ms: int = 0
+        self,
+        job_id: str,
+        entry_id: str,
+        token: str,
+        worker_id: str,
+        now_ms: int,
+        fresh_run_ms: int = 0,
+        announce: Announce | None = None,
     ) -> StartDecision:
         """Decide whether this delivery runs the job. Taking over a run that started less than ``fresh_run_ms``
-        ago (Redis' clock) counts no attempt: both workers were handed the entry at once."""
+        ago (Redis' clock) counts no attempt: both workers were handed the entry at once. With ``announce``, a
+        run that is not refused also gets its ``started`` event, recorded and published in the same step."""
         k = JobKeys.of(job_id)
         args: list[str | int] = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms]
-        action, status, seq, cancelled = await self._start(keys=[k.state, k.cancel, k.events], args=args)
+        if announce is not None:
+            args += announce.args()
+        action, status, seq, cancelled, *started = await self._start(keys=[k.state, k.cancel, k.events], args=args)
         if action == "run":
-            return StartDecision(True, "", int(status), int(seq), bool(cancelled))
+            return StartDecision(True, "", int(status), int(seq), bool(cancelled), bool(started and started[0]))
         return StartDecision(False, str(status), 0, int(seq), bool(cancelled))
 
     async def publish(self, job_id: str, token: str, event: Event, seq: int) -> int:
@@ -120,47 +151,57 @@ class JobStore:
         return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token, status.value]))
 
     async def submit(self, job: Job, max_queue: int = 0) -> str:
-        """Queue a job in one round trip; returns the stream entry id.
+        """Queue a job in one round trip; returns the stream entry id (``queue``'s, without its other facts).
 
         The job goes on its lane's stream (``job.priority``). ``max_queue`` > 0 refuses (42903) when that many
         entries of the lane are queued or running for the model, checked and added atomically. Re-submitting an
         id that is running or finished queues an entry that the worker acks without running it (the start script
         decides), so the caller may simply stream the id's events.
         """
-        marked, entry = await self._queue(job, max_queue)
+        return (await self.queue(job, max_queue)).entry_id
+
+    async def queue(self, job: Job, max_queue: int = 0, also: Sequence[ScriptCall] = ()) -> Queued:
+        """``submit``, and whether the id was new. ``also``: script calls on the job's own keys (e.g. a reader's
+        join) sent in the same round trip where the submission is one pipeline, else alongside it; an error in
+        any of them is raised."""
+        marked, entry = await self._queue(job, max_queue, also)
         if isinstance(entry, list):  # ['full', depth]
             if marked:  # nothing was queued: do not leave a 'queued' marker behind
                 await self.redis.delete(JobKeys.of(job.id).state)
             raise queue_full(job.model, int(entry[1]), max_queue, job.priority)
-        return str(entry)
+        return Queued(str(entry), bool(marked))
 
-    async def _queue(self, job: Job, max_queue: int) -> tuple[int, str | list[Any]]:
+    async def _queue(self, job: Job, max_queue: int, also: Sequence[ScriptCall] = ()) -> tuple[int, str | list[Any]]:
         """The ``mark_queued`` and ``enqueue`` scripts' replies; with ``--min-replicas-ack``, each followed by
         ``WAIT`` on its connection, and a queued job that too few replicas acknowledged is reported."""
+        if self.replica_ack.wanted or is_cluster(self.redis):
+            return await _first(self._queue_apart(job, max_queue), also)
+        k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
+        calls = [  # one round trip (a script pipeline of redis-py's would ask SCRIPT EXISTS first: two)
+            *also,
+            (self._mark_queued, [k.state, k.events], [c.JOB_TTL_S]),
+            (self._enqueue, [stream], [job.model_dump_json(), max_queue]),
+        ]
+        results = await evalsha_pipeline(self.redis, calls)
+        if error := next((r for r in results if isinstance(r, Exception)), None):
+            raise error
+        marked, entry = results[-2:]
+        return marked, entry
+
+    async def _queue_apart(self, job: Job, max_queue: int) -> tuple[int, str | list[Any]]:
+        """``_queue`` where the submission is not one plain pipeline: with ``--min-replicas-ack`` or on a cluster."""
         if self.replica_ack.wanted:
             (marked, entry), acked = await write_and_wait(self.redis, submission(job, max_queue), self.replica_ack)
             if not isinstance(entry, list):
                 self.replica_ack.check(job.id, job.model, acked)
             return marked, entry
         k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
-        mark_args: list[str | int] = [c.JOB_TTL_S]
-        enqueue_args: list[str | int] = [job.model_dump_json(), max_queue]
-        if is_cluster(self.redis):
-            # The job's keys and the model's stream are in different slots (maybe nodes), and a cluster pipeline
-            # does not reload a script a node lacks (a promoted replica): two calls, in parallel.
-            marked, entry = await asyncio.gather(
-                self._mark_queued(keys=[k.state, k.events], args=mark_args),
-                self._enqueue(keys=[stream], args=enqueue_args),
-            )
-            return marked, entry
-        calls = [  # one round trip (a script pipeline of redis-py's would ask SCRIPT EXISTS first: two)
-            (self._mark_queued, [k.state, k.events], mark_args),
-            (self._enqueue, [stream], enqueue_args),
-        ]
-        marked, entry = await evalsha_pipeline(self.redis, calls)
-        for result in (marked, entry):
-            if isinstance(result, Exception):
-                raise result
+        # The job's keys and the model's stream are in different slots (maybe nodes), and a cluster pipeline
+        # does not reload a script a node lacks (a promoted replica): two calls, in parallel.
+        marked, entry = await asyncio.gather(
+            self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S]),
+            self._enqueue(keys=[stream], args=[job.model_dump_json(), max_queue]),
+        )
         return marked, entry
 
     async def submit_many(self, jobs: list[Job]) -> None:
@@ -175,6 +216,19 @@ class JobStore:
                 await self._enqueue(keys=[stream], args=[job.model_dump_json(), 0], client=pipe)
                 await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
             await pipe.execute()
+
+
+@dataclass(frozen=True)
+class Queued:
+    entry_id: str
+    #: The id was unknown to Redis: this submission created it, so no event of it can have been recorded before.
+    new: bool
+
+
+async def _first(submission: Awaitable[T], calls: Sequence[ScriptCall]) -> T:
+    """``submission``'s result, with ``calls`` run alongside it (errors raised)."""
+    result, *_ = await asyncio.gather(submission, *(script(keys=keys, args=args) for script, keys, args in calls))
+    return result  # type: ignore[no-any-return]
 
 
 def queue_full(model: str, depth: int, limit: int, lane: str = c.INTERACTIVE) -> JobError:

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.aio import stop
 from broker_worker.protocol.connections import is_cluster
+from broker_worker.protocol.script_pipeline import ScriptCall
 
 log = logging.getLogger("broker_worker.protocol.readers")
 
@@ -100,9 +101,14 @@ class Readers:
         return reader
 
     async def join(self, reader: str) -> None:
+        if (call := self.join_call(reader)) is not None:
+            script, keys, args = call
+            await script(keys=keys, args=args)
+
+    def join_call(self, reader: str) -> ScriptCall | None:
+        """``join`` as a script call, to send along with other commands on the job's keys (None: left already)."""
         job_id = self._active.get(reader)
-        if job_id is not None:
-            await self._join(keys=[job_readers_key(job_id)], args=[reader, self._ttl_ms])
+        return None if job_id is None else (self._join, [job_readers_key(job_id)], [reader, self._ttl_ms])
 
     async def leave(self, reader: str, *, cancel: bool) -> bool:
         """Leave the job; with ``cancel``, cancel it when no live reader is left. True when it was cancelled."""

@@ -2,7 +2,13 @@
 -- KEYS[1] state hash, KEYS[2] cancel key, KEYS[3] replay stream
 -- ARGV[1] stream entry id, ARGV[2] fencing token, ARGV[3] worker id, ARGV[4] now (ms), ARGV[5] ttl (s),
 -- ARGV[6] ms: taking over a run that started less than this long ago (Redis' clock) is not a failed attempt
--- Statuses: states.JobStatus. Returns {'run' | 'duplicate', status or attempts, seq, cancelled}.
+-- Optional, to record and publish the run's `started` event here (as lua/publish.lua would, under the new token):
+-- ARGV[7] the most attempts that still run, ARGV[8] '1' when the job's deadline passed (it runs only resumed),
+-- ARGV[9] / ARGV[10] the event JSON without its opening brace for a new / a resumed run, ARGV[11] replay max length.
+-- The event goes out in this same step: one round trip less before the first token, and the run's first publish
+-- is its first token.
+-- Statuses: states.JobStatus. Returns {'run' | 'duplicate', status or attempts, seq before this run, cancelled,
+-- 1 when the started event was published (its seq is the returned seq + 1)}.
 local status = redis.call('HGET', KEYS[1], 'status')
 local entry = redis.call('HGET', KEYS[1], 'entry')
 if status == 'done' or status == 'failed' or status == 'cancelled' then
@@ -29,4 +35,14 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'entry', ARGV[1], 'owner', ARGV
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local cancelled = redis.call('EXISTS', KEYS[2])
-return {'run', tostring(attempts), seq, cancelled}
+local started = 0
+-- the same refusals as the worker's (job_run.py): cancelled, too many attempts, past its deadline and not resumed
+if ARGV[9] and cancelled == 0 and attempts <= tonumber(ARGV[7]) and not (ARGV[8] == '1' and seq == 0) then
+  local message = '{"seq":' .. (seq + 1) .. ',' .. (seq == 0 and ARGV[9] or ARGV[10])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*', 'e', message)
+  redis.call('HSET', KEYS[1], 'seq', seq + 1)
+  redis.call('SPUBLISH', string.sub(KEYS[1], 1, -6) .. 'chan', message)  -- ivl:job:{id}:state -> …:chan
+  if seq == 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
+  started = 1
+end
+return {'run', tostring(attempts), seq, cancelled, started}
