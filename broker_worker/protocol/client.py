@@ -138,7 +138,7 @@ class AsyncClient:
         job_id: str,
         queue: Inbox,
         after_seq: int,
-        tap: Tap | None,
+        tap: Tap | None = None,
         replay_first: bool = True,
         start_timeout_s: float | None = None,
         idle_timeout_s: float | None = None,
