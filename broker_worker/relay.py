@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry, JobQueue
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
@@ -92,6 +93,7 @@ class Relay:
     run: Running
     interval_s: float
     throughput: Throughput
+    handoff: Handoff
     _buffer: list[str] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
@@ -99,17 +101,14 @@ class Relay:
     async def generate(self, prefix: str, started: Started) -> Finish:
         """``started`` goes out first, while the engine already prepares the prompt (one round trip less)."""
         loop = asyncio.get_running_loop()
-
-        def feed(text: str) -> None:  # called on the engine's thread
-            loop.call_soon_threadsafe(self._add, text)
-
+        feed = self.handoff.feeder(self._add)
         pump = asyncio.create_task(self._pump(started))
         try:
             finish = await loop.run_in_executor(
                 self.executor, self.engine.generate, self.run.job, prefix, self.run.cancel, feed
             )
         finally:
-            await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks land
+            self.handoff.collect()  # the engine's last text, queued before it returned
             self._closed = True
             self._wake.set()
             await pump
@@ -128,8 +127,8 @@ class Relay:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._buffer and not self._closed and self.interval_s:
-                await asyncio.sleep(max(0.0, last + self.interval_s - time.monotonic()))
+            if self._buffer and not self._closed and (wait := last + self.interval_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
             if self._buffer:
                 last = time.monotonic()
                 await self._publish_buffer()

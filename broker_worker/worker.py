@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry, at_end_of_id_space
 from broker_worker.job_run import JobRunner
 from broker_worker.lanes import Lanes
@@ -55,13 +56,9 @@ class Worker:
         self._drained = False
         self._started_ms = now_ms()
         self._next_take_over = 0.0
-        self.runner = JobRunner(
-            settings,
-            engine,
-            JobStore(redis, settings.job_ttl_s, settings.publish_window_ms / 1000),
-            self._executor(),
-            self.worker_id,
-        )
+        handoff = Handoff()  # the store's publisher collects the engines' text (one wake-up per call)
+        store = JobStore(redis, settings.job_ttl_s, settings.publish_window_ms / 1000, collector=handoff)
+        self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff)
 
     def _executor(self) -> ThreadPoolExecutor:
         # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).

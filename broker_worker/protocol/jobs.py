@@ -18,7 +18,7 @@ from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
-from broker_worker.protocol.publish_batch import PublishBatcher
+from broker_worker.protocol.publish_batch import Collector, PublishBatcher
 from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
 from broker_worker.protocol.script_pipeline import evalsha_pipeline
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
@@ -69,6 +69,7 @@ class JobStore:
         job_ttl_s: int = c.JOB_TTL_S,
         publish_window_s: float = 0.0,
         replica_ack: ReplicaAck | None = None,
+        collector: Collector | None = None,
     ) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
@@ -79,7 +80,7 @@ class JobStore:
         # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
         # slot of their own, so there each event is a call of its own.
         common: list[str | int] = [c.REPLAY_MAXLEN, job_ttl_s]
-        batcher = PublishBatcher(redis, self._publish, common, publish_window_s)
+        batcher = PublishBatcher(redis, self._publish, common, publish_window_s, collector)
         self._publish_batch = None if is_cluster(redis) else batcher
         self._renew = redis.register_script(lua("renew"))
         self._release = redis.register_script(lua("release"))

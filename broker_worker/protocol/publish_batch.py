@@ -11,12 +11,16 @@ event after a quiet spell never waits: the wait only paces a worker already send
 window. The script applies each event on its own (fencing, expected seq, cancel), and
 each caller gets its own result; a lost connection fails every event of its call, and their callers retry as
 they would have after a call of their own (the expected seq makes a repeated event a no-op).
+
+A ``Collector`` (the worker's broker_worker/handoff.py) is told when a call is due soon: from the moment a call
+begins until the next one is gathered, events need not wake the loop one by one; the batcher collects them all
+just before it gathers its next call.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -28,11 +32,25 @@ from broker_worker.protocol.script_pipeline import evalsha_pipeline
 Pending = tuple[list[str], list[str | int], "asyncio.Future[int]"]
 
 
+class Collector(Protocol):
+    def hold(self) -> None:
+        """A call is due soon: what its events come from may wait for ``collect`` instead of waking the loop."""
+
+    def collect(self) -> None:
+        """Deliver what waited, now: the events it makes are published (in this loop iteration's callbacks)."""
+
+
 class PublishBatcher:
     def __init__(
-        self, redis: aioredis.Redis, script: AsyncScript, common: list[str | int], window_s: float = 0.0
+        self,
+        redis: aioredis.Redis,
+        script: AsyncScript,
+        common: list[str | int],
+        window_s: float = 0.0,
+        collector: Collector | None = None,
     ) -> None:
         self._redis = redis
+        self._collector = collector
         self._script = script
         self._common = common  # the script's leading arguments: replay max length, TTL
         self._window_s = window_s
@@ -48,27 +66,43 @@ class PublishBatcher:
         return await future
 
     async def _send_all(self) -> None:
+        try:
+            while await self._gather():
+                await self._send(self._pending)
+        finally:
+            if self._collector is not None:  # never leave events waiting for a call that will not come
+                self._collector.collect()
+
+    async def _gather(self) -> bool:
+        """Wait out the window (a busy worker), collect what waited for this call; whether there is any."""
         loop = asyncio.get_running_loop()
-        while self._pending:
-            if (wait := self._last_call + self._window_s - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            self._last_call = loop.time()
-            batch, self._pending = self._pending, []
-            try:
-                results = await self._call(batch)
-            except asyncio.CancelledError:
-                for _, _, future in batch:
-                    future.cancel()
-                raise
-            except Exception as exc:  # e.g. the connection failed: every event of the call failed with it
-                results = [exc] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if future.done():  # its caller was cancelled meanwhile
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(int(result))
+        if (wait := self._last_call + self._window_s - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        if self._collector is not None:
+            self._collector.collect()
+            await asyncio.sleep(0)  # the callbacks it scheduled run first: their events join this call
+        return bool(self._pending)
+
+    async def _send(self, batch: list[Pending]) -> None:
+        self._last_call = asyncio.get_running_loop().time()
+        self._pending = []
+        if self._collector is not None:
+            self._collector.hold()  # until the next _gather()
+        try:
+            results = await self._call(batch)
+        except asyncio.CancelledError:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # e.g. the connection failed: every event of the call failed with it
+            results = [exc] * len(batch)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(int(result))
 
     async def _call(self, batch: list[Pending]) -> list[Any]:
         keys = [key for event_keys, _, _ in batch for key in event_keys]
