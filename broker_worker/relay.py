@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry, JobQueue
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol.jobs import CANCELLED, FENCED, JobStore
-from broker_worker.protocol.messages import Delta, Event, Job, Started
+from broker_worker.protocol.messages import Event, Job, Started
 from broker_worker.protocol.states import StopReason
 
 log = logging.getLogger("broker_worker.worker")
@@ -59,24 +60,36 @@ class Running:
             self.seq = result
         return result
 
+    async def publish_text(self, store: JobStore, text: str) -> int:
+        """``publish(Delta(text=text))``, the model not built (once per streamed event)."""
+        result = await store.publish_text(self.job.id, self.token, text, self.seq + 1)
+        if result > 0:
+            self.seq = result
+        return result
+
 
 class Throughput:
-    """Tokens per second over the last minute, for the health key."""
+    """Tokens per second over the last minute, for the health key. Counted per second of the clock: ``add`` runs
+    once per published event (thousands a second), so it keeps at most 61 counts, not one stamp per event."""
 
     def __init__(self) -> None:
-        self._stamps: list[tuple[float, int]] = []
+        self._seconds: deque[list[float]] = deque()  # [second, tokens, its first stamp], oldest first
+        self._last = 0.0
 
-    def add(self, tokens: int) -> None:
-        now = time.monotonic()
-        self._stamps.append((now, tokens))
-        while self._stamps and self._stamps[0][0] < now - 60:
-            self._stamps.pop(0)
+    def add(self, tokens: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        second = float(int(now))
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += tokens
+        else:
+            self._seconds.append([second, tokens, now])
+            while self._seconds[0][0] < second - 60:
+                self._seconds.popleft()
+        self._last = now
 
     def rate(self) -> float:
-        if len(self._stamps) < 2:
-            return 0.0
-        span = self._stamps[-1][0] - self._stamps[0][0]
-        return sum(n for _, n in self._stamps) / span if span > 0 else 0.0
+        span = self._last - self._seconds[0][2] if self._seconds else 0.0
+        return sum(count for _, count, _ in self._seconds) / span if span > 0 else 0.0
 
 
 @dataclass
@@ -140,16 +153,19 @@ class Relay:
         self._buffer.clear()
         if self.run.stop_reason in (StopReason.CANCELLED, StopReason.FENCED):
             return
-        seq = await self._publish_with_retry(Delta(text=text))
+        seq = await self._publish_with_retry(text)
         self.throughput.add(count)
         if seq == FENCED:
             self.run.stop(StopReason.FENCED)
         elif seq == CANCELLED:
             self.run.stop(StopReason.CANCELLED)
 
-    async def _publish_with_retry(self, event: Event) -> int:
+    async def _publish_with_retry(self, event: Event | str) -> int:
+        """``event``, or a delta's text."""
         for attempt in range(20):
             try:
+                if isinstance(event, str):
+                    return await self.run.publish_text(self.store, event)
                 return await self.run.publish(self.store, event)
             except (RedisError, OSError) as exc:
                 log.warning("job %s: publish failed (%s), retry %d", self.run.job.id, exc, attempt + 1)

@@ -57,7 +57,8 @@ class Worker:
         self._started_ms = now_ms()
         self._next_take_over = 0.0
         handoff = Handoff()  # the store's publisher collects the engines' text (one wake-up per call)
-        store = JobStore(redis, settings.job_ttl_s, settings.publish_window_ms / 1000, collector=handoff)
+        window_s, batch = settings.publish_window_ms / 1000, settings.publish_batch
+        store = JobStore(redis, settings.job_ttl_s, window_s, collector=handoff, publish_batch=batch)
         self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff)
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -143,15 +144,21 @@ class Worker:
                 await self._renew_all()
 
     async def _renew_all(self) -> None:
+        runs = list(self.runner.running.items())
+        states = await self.runner.store.renew_many([(job_id, run.token) for job_id, run in runs])
         owned: list[Entry] = []
-        for job_id, run in list(self.runner.running.items()):
-            state = await self.runner.store.renew(job_id, run.token)
-            if state == Ownership.TAKEN_OVER:
+        failed: Exception | None = None
+        for (_, run), state in zip(runs, states, strict=True):
+            if isinstance(state, Exception):
+                failed = failed or state
+            elif state == Ownership.TAKEN_OVER:
                 run.stop(StopReason.FENCED)
             elif state == Ownership.OWNED_BUT_CANCELLED:
                 run.stop(StopReason.CANCELLED)
             else:
                 owned.append(run.entry)
+        if failed is not None:  # as when renewing one by one: the entries' leases wait for the next round
+            raise failed
         await self.lanes.keep(owned)
 
     async def _heartbeat_loop(self) -> None:

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic_core import to_json
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
@@ -20,7 +21,7 @@ from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, parse_event
 from broker_worker.protocol.publish_batch import Collector, PublishBatcher
 from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
-from broker_worker.protocol.script_pipeline import evalsha_pipeline
+from broker_worker.protocol.script_pipeline import ScriptCall, evalsha_pipeline
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
 
 FENCED = PublishRefused.FENCED
@@ -70,6 +71,7 @@ class JobStore:
         publish_window_s: float = 0.0,
         replica_ack: ReplicaAck | None = None,
         collector: Collector | None = None,
+        publish_batch: int = 0,
     ) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
@@ -80,7 +82,7 @@ class JobStore:
         # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
         # slot of their own, so there each event is a call of its own.
         common: list[str | int] = [c.REPLAY_MAXLEN, job_ttl_s]
-        batcher = PublishBatcher(redis, self._publish, common, publish_window_s, collector)
+        batcher = PublishBatcher(redis, self._publish, common, publish_window_s, collector, publish_batch)
         self._publish_batch = None if is_cluster(redis) else batcher
         self._renew = redis.register_script(lua("renew"))
         self._release = redis.register_script(lua("release"))
@@ -102,10 +104,17 @@ class JobStore:
     async def publish(self, job_id: str, token: str, event: Event, seq: int) -> int:
         """Record and publish ``event`` as the job's event number ``seq`` (the caller counts its events, so a call
         re-sent after a timeout is applied once). Returns the seq, or FENCED / CANCELLED."""
-        k = JobKeys.of(job_id)
         body = event.model_dump_json(exclude={"seq"})  # '{"type":"…",…}': the script puts the seq first
-        keys = [k.state, k.events, k.cancel]
-        args: list[str | int] = [token, body[1:], seq]
+        return await self._publish_body(job_id, token, body[1:], seq)
+
+    async def publish_text(self, job_id: str, token: str, text: str, seq: int) -> int:
+        """``publish`` of ``Delta(text=text)``, its JSON written without building the model (pydantic's own string
+        encoder, so the bytes are the same): this runs once per streamed event."""
+        return await self._publish_body(job_id, token, '"type":"delta","text":' + to_json(text).decode() + "}", seq)
+
+    async def _publish_body(self, job_id: str, token: str, body: str, seq: int) -> int:
+        keys = list(_publish_keys(job_id))
+        args: list[str | int] = [token, body, seq]
         if self._publish_batch is not None:
             return await self._publish_batch.publish(keys, args)
         results = await self._publish(keys=keys, args=[c.REPLAY_MAXLEN, self.job_ttl_s, *args])
@@ -114,6 +123,19 @@ class JobStore:
     async def renew(self, job_id: str, token: str) -> Ownership:
         k = JobKeys.of(job_id)
         return Ownership(int(await self._renew(keys=[k.state, k.events, k.cancel], args=[token, self.job_ttl_s])))
+
+    async def renew_many(self, runs: list[tuple[str, str]]) -> list[Ownership | Exception]:
+        """``renew`` for each (job id, token), in one round trip (a worker renews all its runs at once: one call
+        each cost Redis a socket read and write apiece); on a cluster, in parallel (each job has its own slot)."""
+        if is_cluster(self.redis):
+            found = await asyncio.gather(*(self.renew(job_id, token) for job_id, token in runs), return_exceptions=True)
+            return [r if isinstance(r, Ownership) else _as_error(r) for r in found]
+        calls: list[ScriptCall] = []
+        for job_id, token in runs:
+            k = JobKeys.of(job_id)
+            calls.append((self._renew, [k.state, k.events, k.cancel], [token, self.job_ttl_s]))
+        results = await evalsha_pipeline(self.redis, calls)
+        return [r if isinstance(r, Exception) else Ownership(int(r)) for r in results]
 
     async def release(self, job_id: str, token: str, *, failed_attempt: bool = False) -> bool:
         """Hand the job back for another run; ``failed_attempt`` counts this run against ``max_attempts``."""
@@ -176,6 +198,19 @@ class JobStore:
                 await self._enqueue(keys=[stream], args=[job.model_dump_json(), 0], client=pipe)
                 await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
             await pipe.execute()
+
+
+@functools.lru_cache(maxsize=4096)
+def _publish_keys(job_id: str) -> tuple[str, str, str]:
+    """``lua/publish.lua``'s keys of a job (state, replay, cancel): built once per running job, not per event."""
+    k = JobKeys.of(job_id)
+    return k.state, k.events, k.cancel
+
+
+def _as_error(result: BaseException) -> Exception:
+    if isinstance(result, Exception):
+        return result
+    raise result  # CancelledError and the like are not one job's failure
 
 
 def queue_full(model: str, depth: int, limit: int, lane: str = c.INTERACTIVE) -> JobError:

@@ -6,9 +6,12 @@ work itself (bench/capacity.py's Redis CPU per event). Here the events published
 together in the next call, so a quiet worker waits no longer than before (one event, one round trip) and a busy
 one sends one call per round trip. A busy worker also waits, at most ``window_s`` after its last call began,
 before the next one: its jobs' tokens come spread out in time (each job's engine has its own pace), and Redis'
-cost per event falls from ~34 µs (one per call) to ~9 µs (ten per call) on this repository's box. The first
-event after a quiet spell never waits: the wait only paces a worker already sending more than one call per
-window. The script applies each event on its own (fencing, expected seq, cancel), and
+cost per event falls from ~34 µs (one per call) to ~9 µs (ten per call) on this repository's box. With
+``target`` (events per call) the wait adapts to the worker's event rate: it lasts what ``target`` events take at
+that rate, at most ``window_s``; so a busy worker's calls carry about ``target`` events, and one with few
+events per second waits ``window_s``, not more. The first event after a quiet spell never waits: the wait only
+paces a worker already sending more than one call per window. The script applies each event on its own
+(fencing, expected seq, cancel), and
 each caller gets its own result; a lost connection fails every event of its call, and their callers retry as
 they would have after a call of their own (the expected seq makes a repeated event a no-op).
 
@@ -48,12 +51,15 @@ class PublishBatcher:
         common: list[str | int],
         window_s: float = 0.0,
         collector: Collector | None = None,
+        target: int = 0,
     ) -> None:
         self._redis = redis
         self._collector = collector
         self._script = script
         self._common = common  # the script's leading arguments: replay max length, TTL
         self._window_s = window_s
+        self._target = target
+        self._rate = 0.0  # events per second while busy (a moving average over calls); 0: not known yet
         self._last_call = -window_s  # loop time the last call began
         self._pending: list[Pending] = []
         self._sender: asyncio.Task[None] | None = None
@@ -76,15 +82,31 @@ class PublishBatcher:
     async def _gather(self) -> bool:
         """Wait out the window (a busy worker), collect what waited for this call; whether there is any."""
         loop = asyncio.get_running_loop()
-        if (wait := self._last_call + self._window_s - loop.time()) > 0:
+        if (wait := self._last_call + self.window_s - loop.time()) > 0:
             await asyncio.sleep(wait)
         if self._collector is not None:
             self._collector.collect()
             await asyncio.sleep(0)  # the callbacks it scheduled run first: their events join this call
         return bool(self._pending)
 
+    @property
+    def window_s(self) -> float:
+        """How long after a call began a busy worker waits before the next one."""
+        if self._target and self._rate > 0:
+            return min(self._window_s, self._target / self._rate)
+        return self._window_s
+
+    def _measure(self, events: int, now: float) -> None:
+        """The event rate, from calls that follow each other within twice the longest window (a busy worker)."""
+        span = now - self._last_call
+        if 0 < span <= 2 * self._window_s:
+            rate = events / span
+            self._rate = rate if self._rate == 0 else 0.75 * self._rate + 0.25 * rate
+
     async def _send(self, batch: list[Pending]) -> None:
-        self._last_call = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        self._measure(len(batch), now)
+        self._last_call = now
         self._pending = []
         if self._collector is not None:
             self._collector.hold()  # until the next _gather()
