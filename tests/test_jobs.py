@@ -227,6 +227,22 @@ async def test_a_delta_published_as_text_is_the_same_event(ar: aioredis.Redis, r
     assert raw[0] == raw[1] and json.loads(raw[1]) == {"seq": 1, "type": "delta", "text": text}
 
 
+async def test_a_script_redis_lost_is_loaded_again(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """The publish call is packed by hand (publish_batch.py): after SCRIPT FLUSH (as after a restart without
+    persistence) it loads the script again and sends the call once more, applied once."""
+    store = JobStore(ar)
+    for k in range(3):
+        await store.start(f"s{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    assert await store.publish("s0", "token-0", Delta(text="before "), 1) == 1
+    r.script_flush()
+    results = await asyncio.gather(
+        *(store.publish(f"s{k}", f"token-{k}", Delta(text="after "), 1 + (k == 0)) for k in range(3))
+    )
+    assert results == [2, 1, 1]
+    texts = [json.loads(f["e"])["text"] for _, f in r.xrange(c.job_events_key("s0"))]
+    assert texts == ["before ", "after "]
+
+
 async def test_a_script_error_fails_only_its_own_event(ar: aioredis.Redis, r: redis.Redis) -> None:
     store = JobStore(ar)
     for k in range(3):

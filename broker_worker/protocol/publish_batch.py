@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broker_worker.protocol.script_pipeline import evalsha_pipeline
 
@@ -130,7 +130,7 @@ class PublishBatcher:
         keys = [key for event_keys, _, _ in batch for key in event_keys]
         args = [*self._common, *(arg for _, event_args, _ in batch for arg in event_args)]
         try:
-            return list(await self._script(keys=keys, args=args))
+            return list(await self._evalsha(keys, args))
         except ResponseError:
             if len(batch) == 1:
                 raise
@@ -138,3 +138,35 @@ class PublishBatcher:
         calls = [(self._script, event_keys, [*self._common, *event_args]) for event_keys, event_args, _ in batch]
         results = await evalsha_pipeline(self._redis, calls)
         return [result[0] if isinstance(result, list) else result for result in results]
+
+    async def _evalsha(self, keys: list[str], args: list[str | int]) -> Any:
+        """The script's call, packed here: redis-py's ``pack_command`` copies its growing buffer once per argument
+        (six per event), ~6 µs per event at 20 events a call. A script Redis lost (a restart) is loaded again."""
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            for attempt in range(2):
+                command: list[str | int] = ["EVALSHA", self._script.sha, len(keys), *keys, *args]
+                await conn.send_packed_command(_resp(command, conn.encoder.encoding, conn.encoder.encoding_errors))
+                try:
+                    return await conn.read_response()
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    self._script.sha = await self._redis.script_load(self._script.script)
+        except ResponseError:
+            raise  # the reply was read whole: the connection is fine
+        except BaseException:
+            await conn.disconnect(nowait=True)  # a reply may still be on its way: never reuse the connection
+            raise
+        finally:
+            await pool.release(conn)
+
+
+def _resp(parts: list[str | int], encoding: str, errors: str) -> bytes:
+    """One command in the Redis protocol, joined once."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = b"%d" % part if isinstance(part, int) else part.encode(encoding, errors)
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
