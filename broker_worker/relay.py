@@ -62,7 +62,14 @@ class Running:
 
     async def publish_text(self, store: JobStore, text: str) -> int:
         """``publish(Delta(text=text))``, the model not built (once per streamed event)."""
-        result = await store.publish_text(self.job.id, self.token, text, self.seq + 1)
+        return self.count(await store.publish_text(self.job.id, self.token, text, self.seq + 1))
+
+    def send_text(self, store: JobStore, text: str) -> asyncio.Future[int]:
+        """``publish_text`` as a future; its result goes through ``count`` (the caller's done callback)."""
+        return store.send_text(self.job.id, self.token, text, self.seq + 1)
+
+    def count(self, result: int) -> int:
+        """A publish's result: a seq is this run's latest."""
         if result > 0:
             self.seq = result
         return result
@@ -97,7 +104,9 @@ class Relay:
     """Runs ``engine.generate`` on ``executor`` and publishes what it produces.
 
     One publish is in flight at a time; text produced meanwhile, or within ``interval_s`` of the last event,
-    goes out in the next event.
+    goes out in the next event. Once ``started`` went out, text that finds no publish in flight and the interval
+    over goes out from ``_add`` itself, its result taken in a done callback (``_sent``): no task step per token.
+    The pump task does the rest: the interval's wait, a failed delta's retries, the end.
     """
 
     store: JobStore
@@ -110,6 +119,11 @@ class Relay:
     _buffer: list[str] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
+    _ready: bool = False  # ``started`` went out: _add may send
+    _inflight: bool = False  # a publish is in flight (from _add or the pump)
+    _last: float = 0.0  # when the last delta went out (monotonic)
+    #: A delta sent from _add whose call failed: its text, token count and error; the pump sends it again, as is.
+    _failed: tuple[str, int, BaseException] | None = None
 
     async def generate(self, prefix: str, started: Started) -> Finish:
         """``started`` goes out first, while the engine already prepares the prompt (one round trip less)."""
@@ -131,38 +145,91 @@ class Relay:
 
     def _add(self, text: str) -> None:
         self._buffer.append(text)
-        self._wake.set()
+        if self._may_send():
+            self._send_buffer()
+        else:
+            self._wake.set()
+
+    def _may_send(self) -> bool:
+        """Whether the buffer may go out now, without the pump (a failed delta goes first, by the pump)."""
+        idle = self._ready and not self._inflight and self._failed is None and not self._closed
+        return idle and time.monotonic() >= self._last + self.interval_s
+
+    def _send_buffer(self) -> None:
+        text, count = "".join(self._buffer), len(self._buffer)
+        self._buffer.clear()
+        if self._stopped():
+            return
+        self._inflight, self._last = True, time.monotonic()
+        self.run.send_text(self.store, text).add_done_callback(lambda future: self._sent(text, count, future))
+
+    def _sent(self, text: str, count: int, future: asyncio.Future[int]) -> None:
+        self._inflight = False
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if error is not None:
+            self._failed = (text, count, error)
+        else:
+            self._settle(self.run.count(future.result()), count)
+        if self._buffer and self._may_send():
+            self._send_buffer()  # what came meanwhile
+        elif self._failed is not None or self._buffer or self._closed:
+            self._wake.set()  # the pump: the retry, what came meanwhile (after the interval), the end
 
     async def _pump(self, started: Started) -> None:
         if await self._publish_with_retry(started) == FENCED:
             self.run.stop(StopReason.FENCED)
-        last = 0.0
+        self._ready = True
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._buffer and not self._closed and (wait := last + self.interval_s - time.monotonic()) > 0:
+            if self._inflight:
+                continue  # its answer wakes the pump again
+            if self._failed is not None:
+                await self._send_again(*self._failed)
+            if self._buffer and not self._closed and (wait := self._last + self.interval_s - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            if self._buffer:
-                last = time.monotonic()
+            if self._buffer and not self._inflight:
+                self._last = time.monotonic()
                 await self._publish_buffer()
-            if self._closed and not self._buffer:
+            if self._closed and not self._buffer and not self._inflight:
                 return
+
+    async def _send_again(self, text: str, count: int, error: BaseException) -> None:
+        """A delta whose call failed goes again, the same text under the same seq (Redis may have applied it)."""
+        if not isinstance(error, RedisError | OSError):
+            raise error
+        self._inflight, self._failed = True, None  # in flight from now: nothing may overtake it during the backoff
+        try:
+            log.warning("job %s: publish failed (%s), retry 1", self.run.job.id, error)
+            await asyncio.sleep(0.1)
+            self._settle(await self._publish_with_retry(text, first_attempt=1), count)
+        finally:
+            self._inflight = False
 
     async def _publish_buffer(self) -> None:
         text, count = "".join(self._buffer), len(self._buffer)
         self._buffer.clear()
-        if self.run.stop_reason in (StopReason.CANCELLED, StopReason.FENCED):
+        if self._stopped():
             return
-        seq = await self._publish_with_retry(text)
+        self._inflight = True
+        try:
+            self._settle(await self._publish_with_retry(text), count)
+        finally:
+            self._inflight = False
+
+    def _stopped(self) -> bool:
+        return self.run.stop_reason in (StopReason.CANCELLED, StopReason.FENCED)
+
+    def _settle(self, seq: int, count: int) -> None:
         self.throughput.add(count)
         if seq == FENCED:
             self.run.stop(StopReason.FENCED)
         elif seq == CANCELLED:
             self.run.stop(StopReason.CANCELLED)
 
-    async def _publish_with_retry(self, event: Event | str) -> int:
+    async def _publish_with_retry(self, event: Event | str, first_attempt: int = 0) -> int:
         """``event``, or a delta's text."""
-        for attempt in range(20):
+        for attempt in range(first_attempt, 20):
             try:
                 if isinstance(event, str):
                     return await self.run.publish_text(self.store, event)

@@ -110,7 +110,13 @@ class JobStore:
     async def publish_text(self, job_id: str, token: str, text: str, seq: int) -> int:
         """``publish`` of ``Delta(text=text)``, its JSON written without building the model (pydantic's own string
         encoder, so the bytes are the same): this runs once per streamed event."""
-        return await self._publish_body(job_id, token, '"type":"delta","text":' + to_json(text).decode() + "}", seq)
+        return await self._publish_body(job_id, token, _delta_body(text), seq)
+
+    def send_text(self, job_id: str, token: str, text: str, seq: int) -> asyncio.Future[int]:
+        """``publish_text`` as a future: the relay takes its result in a done callback, no task step per event."""
+        if self._publish_batch is not None:
+            return self._publish_batch.submit(list(_publish_keys(job_id)), [token, _delta_body(text), seq])
+        return asyncio.ensure_future(self.publish_text(job_id, token, text, seq))
 
     async def _publish_body(self, job_id: str, token: str, body: str, seq: int) -> int:
         keys = list(_publish_keys(job_id))
@@ -198,6 +204,10 @@ class JobStore:
                 await self._enqueue(keys=[stream], args=[job.model_dump_json(), 0], client=pipe)
                 await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
             await pipe.execute()
+
+
+def _delta_body(text: str) -> str:
+    return '"type":"delta","text":' + to_json(text).decode() + "}"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -65,11 +65,15 @@ class PublishBatcher:
         self._sender: asyncio.Task[None] | None = None
 
     async def publish(self, keys: list[str], args: list[str | int]) -> int:
+        return await self.submit(keys, args)
+
+    def submit(self, keys: list[str], args: list[str | int]) -> asyncio.Future[int]:
+        """``publish`` as a future: a caller that takes the result in a done callback needs no task step."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((keys, args, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_all())
-        return await future
+        return future
 
     async def _send_all(self) -> None:
         try:
