@@ -322,6 +322,13 @@ def summarise(
         # is the event loop and socket I/O, and the workers' and gateways' other commands.
         "redis_command_us_per_event": {k: round(commands[k] / max(published, 1), 2) for k in busiest},
         "redis_socket_reads_per_event": round(commands.get("reads", 0.0) / max(published, 1), 3),
+        # Commands sent per 1,000 published events (a script's inner commands included): events per publish call
+        # is 1,000 / evalsha's figure, and anything else per event shows here.
+        "redis_calls_per_1000_events": {
+            k.removeprefix("calls:"): round(v * 1000 / max(published, 1), 1)
+            for k, v in sorted(commands.items())
+            if k.startswith("calls:") and v
+        },
         "worker_cpu_us_per_event": round(worker_cpu * 1e6 / max(published, 1), 1),
         "events_relayed": events,
         "events_published": published,

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry
 from broker_worker.model.engine import Engine, Finish
 from broker_worker.protocol import constants as c
@@ -66,6 +67,8 @@ class JobRunner:
     store: JobStore
     executor: Executor
     worker_id: str
+    #: Every run's engine text to the loop (the store's publisher collects it: one wake-up per call, not per token).
+    handoff: Handoff = field(default_factory=Handoff)
     throughput: Throughput = field(default_factory=Throughput)
     #: Runs in progress by job id; the worker renews their leases and stops them on shutdown.
     running: dict[str, Running] = field(default_factory=dict)
@@ -156,7 +159,7 @@ class JobRunner:
         if run.job.count_only:
             return await self._count(run.job)
         interval = self.settings.stream_interval_ms / 1000
-        relay = Relay(self.store, self.engine, self.executor, run, interval, self.throughput)
+        relay = Relay(self.store, self.engine, self.executor, run, interval, self.throughput, self.handoff)
         return await relay.generate(prefix, started)
 
     async def _on_job_error(self, run: Running, exc: JobError, attempt: int, started: float) -> None:

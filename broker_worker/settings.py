@@ -44,6 +44,9 @@ class WorkerSettings(RedisSettings):
     publish_window_ms: float = Field(
         default=c.PUBLISH_WINDOW_MS, ge=0, description="a busy worker sends its jobs' events together this often"
     )
+    publish_batch: int = Field(
+        default=c.PUBLISH_BATCH, ge=0, description="… or sooner, as its event rate fills a call with this many (0: off)"
+    )
     lease_s: float = Field(default=c.LEASE_S, gt=0, description="idle time after which a job is taken over")
     lease_renew_s: float = Field(default=c.LEASE_RENEW_S, gt=0, description="lease renewal period")
     heartbeat_s: float = Field(default=c.HEARTBEAT_S, gt=0, description="health key refresh period")

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry, at_end_of_id_space
 from broker_worker.job_run import JobRunner
 from broker_worker.lanes import Lanes
@@ -55,13 +56,10 @@ class Worker:
         self._drained = False
         self._started_ms = now_ms()
         self._next_take_over = 0.0
-        self.runner = JobRunner(
-            settings,
-            engine,
-            JobStore(redis, settings.job_ttl_s, settings.publish_window_ms / 1000),
-            self._executor(),
-            self.worker_id,
-        )
+        handoff = Handoff()  # the store's publisher collects the engines' text (one wake-up per call)
+        window_s, batch = settings.publish_window_ms / 1000, settings.publish_batch
+        store = JobStore(redis, settings.job_ttl_s, window_s, collector=handoff, publish_batch=batch)
+        self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff)
 
     def _executor(self) -> ThreadPoolExecutor:
         # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).
@@ -150,15 +148,21 @@ class Worker:
                 await self._renew_all()
 
     async def _renew_all(self) -> None:
+        runs = list(self.runner.running.items())
+        states = await self.runner.store.renew_many([(job_id, run.token) for job_id, run in runs])
         owned: list[Entry] = []
-        for job_id, run in list(self.runner.running.items()):
-            state = await self.runner.store.renew(job_id, run.token)
-            if state == Ownership.TAKEN_OVER:
+        failed: Exception | None = None
+        for (_, run), state in zip(runs, states, strict=True):
+            if isinstance(state, Exception):
+                failed = failed or state
+            elif state == Ownership.TAKEN_OVER:
                 run.stop(StopReason.FENCED)
             elif state == Ownership.OWNED_BUT_CANCELLED:
                 run.stop(StopReason.CANCELLED)
             else:
                 owned.append(run.entry)
+        if failed is not None:  # as when renewing one by one: the entries' leases wait for the next round
+            raise failed
         await self.lanes.keep(owned)
 
     async def _heartbeat_loop(self) -> None:

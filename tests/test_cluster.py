@@ -28,8 +28,10 @@ from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.cluster_pubsub import ClusterSubscriber
 from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.jobs import JobStore
 from broker_worker.protocol.messages import Delta, Job
 from broker_worker.protocol.replica_ack import ReplicaAck
+from broker_worker.protocol.states import Ownership
 from tests.helpers import BIN, Proc, RedisServer, free_port, served_models, spawn, spawn_gateway, wait_for, worker_args
 from tests.test_reliability import consistent, expected
 
@@ -220,6 +222,26 @@ async def test_commands_past_the_connection_bound_wait_instead_of_failing(cluste
         assert await asyncio.gather(*(client.get(k) for k in keys)) == keys
     finally:
         await client.aclose()
+
+
+async def test_a_worker_renews_runs_on_every_node_at_once(cluster: Cluster) -> None:
+    """``JobStore.renew_many`` on a cluster: each job's keys have their own slot, so one call each, in parallel;
+    each answer its own (owned, taken over, cancelled)."""
+    client = async_redis(cluster.url)
+    admin = cluster.client()
+    try:
+        store = JobStore(client)
+        ids = [f"renew-{k}" for k in range(9)]
+        for k, i in enumerate(ids):
+            await store.start(i, f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+        assert len({cluster.owner(c.job_state_key(i)) for i in ids}) == 3  # every master holds some
+        await store.start(ids[1], "2-0", "token-new", "worker-b", 0)
+        admin.set(c.job_cancel_key(ids[2]), 1)
+        states = await store.renew_many([(i, f"token-{k}") for k, i in enumerate(ids)])
+        assert states == [Ownership.OWNED, Ownership.TAKEN_OVER, Ownership.OWNED_BUT_CANCELLED] + [Ownership.OWNED] * 6
+    finally:
+        await client.aclose()
+        admin.close()
 
 
 @pytest.mark.parametrize("program", ["broker-worker", "broker-gateway"])

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from broker_worker.handoff import Handoff
 from broker_worker.model.fake_engine import FakeEngine
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, jobs
@@ -23,6 +24,7 @@ from broker_worker.protocol.inbox import Inbox
 from broker_worker.protocol.jobs import CANCELLED, FENCED, Announce, JobStore
 from broker_worker.protocol.messages import Cancelled, Delta, Done, Job, Usage, WorkerHealth
 from broker_worker.protocol.readers import job_readers_key
+from broker_worker.protocol.states import Ownership
 from broker_worker.settings import WorkerSettings
 from broker_worker.worker import Worker
 from tests.helpers import RedisServer, job, wait_for
@@ -140,6 +142,108 @@ async def test_a_busy_worker_publishes_at_most_once_per_window(ar: aioredis.Redi
         await asyncio.sleep(0.01)
     assert await asyncio.gather(*later) == [1] * 5
     assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
+
+
+async def test_a_busy_workers_window_shrinks_to_its_event_rate(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """``--publish-batch``: a busy worker's calls aim at that many events; at 100 events/s and a batch of 4 it
+    waits ~40 ms between calls, not the whole ``--publish-window-ms`` (500 ms here)."""
+    store = JobStore(ar, publish_window_s=0.5, publish_batch=4)
+    for k in range(100):
+        await store.start(f"a{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    r.config_resetstat()
+    steady = []
+    for k in range(100):  # 1 s of events, 10 ms apart
+        steady.append(asyncio.create_task(store.publish(f"a{k}", f"token-{k}", Delta(text="x "), 1)))
+        await asyncio.sleep(0.01)
+    assert await asyncio.gather(*steady) == [1] * 100
+    calls = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
+    assert 12 <= calls <= 50, f"{calls} calls for 100 events in 1 s (a fixed 500 ms window: 5; one each: 100)"
+
+
+async def test_text_that_comes_while_a_call_is_due_waits_for_it(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """broker_worker/handoff.py: a quiet worker's first token reaches the loop at once; tokens that come while a
+    call is in flight or its window runs are not handed over one by one but all at once, just before the next
+    call, which carries them all."""
+    handoff = Handoff()
+    store = JobStore(ar, publish_window_s=0.3, collector=handoff)
+    for k in range(6):
+        await store.start(f"h{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    loop = asyncio.get_running_loop()
+    handed: list[float] = []
+    published: list[asyncio.Future[int]] = []
+
+    def sink(k: int) -> Callable[[str], None]:
+        def take(text: str) -> None:  # on the loop, as Relay._add
+            handed.append(loop.time())
+            published.append(asyncio.ensure_future(store.publish(f"h{k}", f"token-{k}", Delta(text=text), 1)))
+
+        return take
+
+    feeds = [handoff.feeder(sink(k)) for k in range(6)]
+    r.config_resetstat()
+    began = loop.time()
+    await asyncio.to_thread(feeds[0], "first ")  # from an engine thread
+    await asyncio.sleep(0.05)
+    assert len(handed) == 1 and handed[0] - began < 0.05  # at once: no call was due
+
+    def engine() -> None:
+        for k in range(1, 6):
+            feeds[k]("next ")
+            time.sleep(0.02)
+
+    await asyncio.to_thread(engine)  # within the window of the first call
+    assert len(handed) == 1, "tokens were handed over one by one while a call was due"
+    await asyncio.sleep(0.4)
+    assert len(handed) == 6 and max(handed[1:]) - min(handed[1:]) < 0.01  # all at once
+    assert min(handed[1:]) - began >= 0.29  # when the window of the first call ended
+    assert await asyncio.gather(*published) == [1] * 6
+    assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
+
+
+async def test_a_worker_renews_all_its_runs_in_one_round_trip(ar: aioredis.Redis, r: redis.Redis) -> None:
+    store = JobStore(ar)
+    for k in range(6):
+        await store.start(f"n{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    await store.start("n1", "2-0", "token-new", "worker-b", 0)  # n1 taken over
+    r.set(c.job_cancel_key("n2"), 1)
+    r.expire(c.job_state_key("n0"), 100)
+    r.config_resetstat()
+    states = await store.renew_many([(f"n{k}", f"token-{k}") for k in range(6)])
+    reads = int(r.info("stats")["total_reads_processed"])  # the renewals' reads and this INFO's
+    owned, taken, cancelled = Ownership.OWNED, Ownership.TAKEN_OVER, Ownership.OWNED_BUT_CANCELLED
+    assert states == [owned, taken, cancelled, owned, owned, owned]
+    assert reads <= 3, f"{reads} socket reads for 6 renewals (one by one: 7)"
+    assert 3590 < r.ttl(c.job_state_key("n0")) <= c.JOB_TTL_S  # renewed
+
+
+async def test_a_delta_published_as_text_is_the_same_event(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """``publish_text`` (the relay's per-token path) writes the bytes ``publish(Delta(...))`` writes."""
+    store = JobStore(ar)
+    text = 'quote " backslash \\ newline \n tab \t bell \x07 é 中 🙂 </script>'
+    for k, how in enumerate(("model", "text")):
+        await store.start(f"t{k}", f"{k + 1}-0", "t", "w", 0)
+        if how == "model":
+            assert await store.publish(f"t{k}", "t", Delta(text=text), 1) == 1
+        else:
+            assert await store.publish_text(f"t{k}", "t", text, 1) == 1
+    raw = [r.xrange(c.job_events_key(f"t{k}"))[0][1]["e"] for k in range(2)]
+    assert raw[0] == raw[1] and json.loads(raw[1]) == {"seq": 1, "type": "delta", "text": text}
+
+
+async def test_a_script_redis_lost_is_loaded_again(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """The publish call is packed by hand (publish_batch.py): after SCRIPT FLUSH (as after a restart without
+    persistence) it loads the script again and sends the call once more, applied once."""
+    store = JobStore(ar)
+    for k in range(3):
+        await store.start(f"s{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    assert await store.publish("s0", "token-0", Delta(text="before "), 1) == 1
+    r.script_flush()
+    results = await asyncio.gather(
+        *(store.publish(f"s{k}", f"token-{k}", Delta(text="after "), 1 + (k == 0)) for k in range(3))
+    )
+    assert results == [2, 1, 1]
+    texts = [json.loads(f["e"])["text"] for _, f in r.xrange(c.job_events_key("s0"))]
+    assert texts == ["before ", "after "]
 
 
 async def test_a_script_error_fails_only_its_own_event(ar: aioredis.Redis, r: redis.Redis) -> None:

@@ -31,6 +31,7 @@ DEAD_LETTER_MAXLEN = 10_000
 MAX_ATTEMPTS = 3  # deliveries of one job before it is dead-lettered
 STREAM_INTERVAL_MS = 20  # the worker coalesces deltas produced within this window into one event
 PUBLISH_WINDOW_MS = 5.0  # a busy worker publishes its jobs' events in one call at most this often (publish_batch.py)
+PUBLISH_BATCH = 20  # … and sooner when its event rate fills a call with this many events (publish_batch.py)
 CONSUMER_FORGET_S = 3600.0  # a group consumer idle this long with nothing pending is deleted
 SHUTDOWN_GRACE_S = 20.0  # on SIGTERM, running jobs get this long to finish before they are handed back
 

@@ -14,12 +14,13 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from pydantic_core import to_json
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, Started, parse_event
-from broker_worker.protocol.publish_batch import PublishBatcher
+from broker_worker.protocol.publish_batch import Collector, PublishBatcher
 from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
 from broker_worker.protocol.script_pipeline import ScriptCall, evalsha_pipeline
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
@@ -90,6 +91,8 @@ class JobStore:
         job_ttl_s: int = c.JOB_TTL_S,
         publish_window_s: float = 0.0,
         replica_ack: ReplicaAck | None = None,
+        collector: Collector | None = None,
+        publish_batch: int = 0,
     ) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
@@ -100,7 +103,7 @@ class JobStore:
         # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
         # slot of their own, so there each event is a call of its own.
         common: list[str | int] = [c.REPLAY_MAXLEN, job_ttl_s]
-        batcher = PublishBatcher(redis, self._publish, common, publish_window_s)
+        batcher = PublishBatcher(redis, self._publish, common, publish_window_s, collector, publish_batch)
         self._publish_batch = None if is_cluster(redis) else batcher
         self._renew = redis.register_script(lua("renew"))
         self._release = redis.register_script(lua("release"))
@@ -132,10 +135,23 @@ class JobStore:
     async def publish(self, job_id: str, token: str, event: Event, seq: int) -> int:
         """Record and publish ``event`` as the job's event number ``seq`` (the caller counts its events, so a call
         re-sent after a timeout is applied once). Returns the seq, or FENCED / CANCELLED."""
-        k = JobKeys.of(job_id)
         body = event.model_dump_json(exclude={"seq"})  # '{"type":"…",…}': the script puts the seq first
-        keys = [k.state, k.events, k.cancel]
-        args: list[str | int] = [token, body[1:], seq]
+        return await self._publish_body(job_id, token, body[1:], seq)
+
+    async def publish_text(self, job_id: str, token: str, text: str, seq: int) -> int:
+        """``publish`` of ``Delta(text=text)``, its JSON written without building the model (pydantic's own string
+        encoder, so the bytes are the same): this runs once per streamed event."""
+        return await self._publish_body(job_id, token, _delta_body(text), seq)
+
+    def send_text(self, job_id: str, token: str, text: str, seq: int) -> asyncio.Future[int]:
+        """``publish_text`` as a future: the relay takes its result in a done callback, no task step per event."""
+        if self._publish_batch is not None:
+            return self._publish_batch.submit(list(_publish_keys(job_id)), [token, _delta_body(text), seq])
+        return asyncio.ensure_future(self.publish_text(job_id, token, text, seq))
+
+    async def _publish_body(self, job_id: str, token: str, body: str, seq: int) -> int:
+        keys = list(_publish_keys(job_id))
+        args: list[str | int] = [token, body, seq]
         if self._publish_batch is not None:
             return await self._publish_batch.publish(keys, args)
         results = await self._publish(keys=keys, args=[c.REPLAY_MAXLEN, self.job_ttl_s, *args])
@@ -144,6 +160,19 @@ class JobStore:
     async def renew(self, job_id: str, token: str) -> Ownership:
         k = JobKeys.of(job_id)
         return Ownership(int(await self._renew(keys=[k.state, k.events, k.cancel], args=[token, self.job_ttl_s])))
+
+    async def renew_many(self, runs: list[tuple[str, str]]) -> list[Ownership | Exception]:
+        """``renew`` for each (job id, token), in one round trip (a worker renews all its runs at once: one call
+        each cost Redis a socket read and write apiece); on a cluster, in parallel (each job has its own slot)."""
+        if is_cluster(self.redis):
+            found = await asyncio.gather(*(self.renew(job_id, token) for job_id, token in runs), return_exceptions=True)
+            return [r if isinstance(r, Ownership) else _as_error(r) for r in found]
+        calls: list[ScriptCall] = []
+        for job_id, token in runs:
+            k = JobKeys.of(job_id)
+            calls.append((self._renew, [k.state, k.events, k.cancel], [token, self.job_ttl_s]))
+        results = await evalsha_pipeline(self.redis, calls)
+        return [r if isinstance(r, Exception) else Ownership(int(r)) for r in results]
 
     async def release(self, job_id: str, token: str, *, failed_attempt: bool = False) -> bool:
         """Hand the job back for another run; ``failed_attempt`` counts this run against ``max_attempts``."""
@@ -229,6 +258,23 @@ async def _first(submission: Awaitable[T], calls: Sequence[ScriptCall]) -> T:
     """``submission``'s result, with ``calls`` run alongside it (errors raised)."""
     result, *_ = await asyncio.gather(submission, *(script(keys=keys, args=args) for script, keys, args in calls))
     return result  # type: ignore[no-any-return]
+
+
+def _delta_body(text: str) -> str:
+    return '"type":"delta","text":' + to_json(text).decode() + "}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _publish_keys(job_id: str) -> tuple[str, str, str]:
+    """``lua/publish.lua``'s keys of a job (state, replay, cancel): built once per running job, not per event."""
+    k = JobKeys.of(job_id)
+    return k.state, k.events, k.cancel
+
+
+def _as_error(result: BaseException) -> Exception:
+    if isinstance(result, Exception):
+        return result
+    raise result  # CancelledError and the like are not one job's failure
 
 
 def queue_full(model: str, depth: int, limit: int, lane: str = c.INTERACTIVE) -> JobError:

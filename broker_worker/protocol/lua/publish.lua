@@ -10,7 +10,8 @@
 -- The channel and the kind are derived here, not sent: this runs once per streamed event, so bytes count.
 local maxlen, ttl = ARGV[1], ARGV[2]
 
-local function publish(state_key, events_key, cancel_key, token, body, expected)
+local function publish(state_key, events_key, cancel_key, token, body, expected_text)
+  local expected = tonumber(expected_text)
   local state = redis.call('HMGET', state_key, 'seq', 'owner')
   local seq = tonumber(state[1] or '0')
   local owner = state[2]
@@ -25,9 +26,12 @@ local function publish(state_key, events_key, cancel_key, token, body, expected)
   -- The append first: when it fails (the key holds another type), the seq is not counted either, so a retry
   -- fails the same way instead of reading as already applied. Redis does not undo a script's earlier writes.
   seq = seq + 1
-  local message = '{"seq":' .. seq .. ',' .. body
+  -- The caller's text of the seq when it is the one given (always, but after a gap): Lua formats a number with
+  -- sprintf, and this runs once per streamed event.
+  local seq_text = seq == expected and expected_text or tostring(seq)
+  local message = '{"seq":' .. seq_text .. ',' .. body
   redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', 'e', message)
-  redis.call('HSET', state_key, 'seq', seq)
+  redis.call('HSET', state_key, 'seq', seq_text)
   redis.call('SPUBLISH', string.sub(state_key, 1, -6) .. 'chan', message)  -- ivl:job:{id}:state -> …:chan
   if terminal then
     redis.call('HSET', state_key, 'status', kind, 'owner', '', 'ended_by', token)
@@ -42,6 +46,6 @@ end
 local results = {}
 for i = 0, #KEYS / 3 - 1 do
   local k, a = 3 * i, 3 * i + 2
-  results[i + 1] = publish(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]))
+  results[i + 1] = publish(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
 end
 return results
