@@ -10,8 +10,11 @@ benchmark client on the same machine can tell how long each token took to reach 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
+from dataclasses import dataclass, field
 
 from broker_worker.model.engine import Finish, OnDelta
 from broker_worker.model.stops import generate_with_stops
@@ -36,6 +39,7 @@ class FakeEngine:
         self.device = "fake"  # sleeps rather than computes: it models a GPU, so jobs run in parallel
         self.context_len = 8192
         self.token_delay_s = token_delay_s
+        self._steps = _Steps(token_delay_s) if token_delay_s else None
 
     def count_tokens(self, job: Job) -> int:
         return len(question_of(job))
@@ -61,13 +65,93 @@ class FakeEngine:
             start += 1
         if clock:  # timestamps are longer than the plain tokens: a resumed job counts the ones it already sent
             start = answer_prefix.count(" ")
-        deadline = time.perf_counter()
-        for token in tokens[start:]:
-            if cancel.is_set():
-                break
-            if self.token_delay_s:
-                deadline += self.token_delay_s  # fixed rate, not sleep drift
-                time.sleep(max(0.0, deadline - time.perf_counter()))
-            on_delta(f"@{time.time():.6f} " if clock else token)
+        if self._steps is not None:
+            self._steps.run(_Run(tokens[start:], cancel, on_delta, clock))
+        else:
+            for token in tokens[start:]:
+                if cancel.is_set():
+                    break
+                on_delta(f"@{time.time():.6f} " if clock else token)
         reason: FinishReason = "stop" if question.startswith("eos:") else "length"
         return Finish(reason, Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))
+
+
+#: Tokens due within this much of each other are made in one step (as a batched engine makes them together).
+STEP_QUANTUM_S = 0.001
+
+
+@dataclass(eq=False)
+class _Run:
+    """One job's tokens, made one per step."""
+
+    tokens: list[str]
+    cancel: threading.Event
+    on_delta: OnDelta
+    clock: bool
+    made: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def step(self) -> bool:
+        """Make the next token; False when the run is over (all made, cancelled, or ``on_delta`` raised)."""
+        if self.made < len(self.tokens) and not self.cancel.is_set():
+            try:
+                self.on_delta(f"@{time.time():.6f} " if self.clock else self.tokens[self.made])
+                self.made += 1
+            except BaseException as exc:  # raised again on the job's own thread
+                self.error = exc
+        if self.made < len(self.tokens) and not self.cancel.is_set() and self.error is None:
+            return True
+        self.done.set()
+        return False
+
+
+class _Steps:
+    """One thread makes every running job's tokens, each when it is due (a fixed rate from the job's start): as a
+    batched GPU engine makes one token per job per step, rather than one sleeping thread per job, whose wake-ups
+    and GIL hand-offs were most of a worker's CPU at a thousand jobs (bench/capacity.py). ``generate`` still
+    blocks on the job's own thread until its run is over, as the ``Engine`` interface has it."""
+
+    def __init__(self, token_delay_s: float) -> None:
+        self._delay_s = token_delay_s
+        self._due: list[tuple[float, int, _Run]] = []  # a heap: when each run's next token is due
+        self._order = itertools.count()  # ties: first come first served
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def run(self, run: _Run) -> None:
+        if run.tokens:
+            with self._changed:
+                self._push(time.perf_counter() + self._delay_s, run)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="fake-engine-steps", daemon=True)
+                    self._thread.start()
+                self._changed.notify()
+            run.done.wait()
+        if run.error is not None:
+            raise run.error
+
+    def _push(self, due: float, run: _Run) -> None:
+        heapq.heappush(self._due, (due, next(self._order), run))
+
+    def _loop(self) -> None:
+        while True:
+            for due, run in self._take_due():
+                if run.step():
+                    with self._changed:
+                        self._push(due + self._delay_s, run)  # fixed rate, not sleep drift
+
+    def _take_due(self) -> list[tuple[float, _Run]]:
+        """The runs whose next token is due (within a quantum), waiting until there is one."""
+        with self._changed:
+            while True:
+                wait = self._due[0][0] - time.perf_counter() if self._due else None
+                if wait is not None and wait <= STEP_QUANTUM_S:
+                    break
+                self._changed.wait(wait)
+            horizon = time.perf_counter() + STEP_QUANTUM_S
+            taken = []
+            while self._due and self._due[0][0] <= horizon:
+                due, _, run = heapq.heappop(self._due)
+                taken.append((due, run))
+            return taken
