@@ -1,4 +1,4 @@
-"""protocol/client.py's Delivered: text already sent is never contradicted, whatever a failover does to the replay."""
+"""protocol/delivered.py: text already sent is never contradicted, whatever a failover does to the replay."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from broker_worker.protocol.client import Delivered
+from broker_worker.protocol.delivered import Delivered
 from broker_worker.protocol.errors import JobError
 from broker_worker.protocol.messages import Delta, Done, Started, Usage
 

@@ -312,9 +312,9 @@ def make_demo_model(
     start: Path | None = None,
     done: int = 1,
 ) -> Path:
-    """Train stage after stage (stage k draws pictures from RNG seed ``seed + k``, with a fresh optimizer);
-    ``start``: a checkpoint written after the first ``done`` stages, to run only the later ones (the same weights
-    as going on in one process)."""
+    """Train stage after stage (stage k draws pictures from a generator started at ``seed + k``, with a fresh
+    optimizer); ``start``: a checkpoint written after the first ``done`` stages, to run only the later ones (the
+    same weights as going on in one process)."""
     from transformers import InternVLForConditionalGeneration
 
     # One thread by default: on a busy shared CPU, two threads that wait on each other ran a step 5x slower.

@@ -16,7 +16,7 @@ from broker_worker.protocol.inbox import Direct
 from broker_worker.protocol.messages import Delta, parse_event
 
 if TYPE_CHECKING:
-    from broker_worker.protocol.client import Delivered
+    from broker_worker.protocol.delivered import Delivered
 
 #: Relays one delta now; False when it cannot (the delta then goes through the stream's iterator).
 Sink = Callable[[Delta], bool]
