@@ -65,13 +65,14 @@ class FakeEngine:
             start += 1
         if clock:  # timestamps are longer than the plain tokens: a resumed job counts the ones it already sent
             start = answer_prefix.count(" ")
+        run = _Run(tokens[start:], cancel, on_delta, clock)
         if self._steps is not None:
-            self._steps.run(_Run(tokens[start:], cancel, on_delta, clock))
-        else:
-            for token in tokens[start:]:
-                if cancel.is_set():
-                    break
-                on_delta(f"@{time.time():.6f} " if clock else token)
+            self._steps.run(run)
+        else:  # no delay: every token at once, on this thread
+            while run.step():
+                pass
+        if run.error is not None:
+            raise run.error
         reason: FinishReason = "stop" if question.startswith("eos:") else "length"
         return Finish(reason, Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))
 
@@ -94,16 +95,19 @@ class _Run:
 
     def step(self) -> bool:
         """Make the next token; False when the run is over (all made, cancelled, or ``on_delta`` raised)."""
-        if self.made < len(self.tokens) and not self.cancel.is_set():
+        if self._goes_on():
             try:
                 self.on_delta(f"@{time.time():.6f} " if self.clock else self.tokens[self.made])
                 self.made += 1
             except BaseException as exc:  # raised again on the job's own thread
                 self.error = exc
-        if self.made < len(self.tokens) and not self.cancel.is_set() and self.error is None:
+        if self.error is None and self._goes_on():
             return True
         self.done.set()
         return False
+
+    def _goes_on(self) -> bool:
+        return self.made < len(self.tokens) and not self.cancel.is_set()
 
 
 class _Steps:
@@ -120,6 +124,7 @@ class _Steps:
         self._thread: threading.Thread | None = None
 
     def run(self, run: _Run) -> None:
+        """Until the run is over (its ``error``, if any, is the caller's to raise)."""
         if run.tokens:
             with self._changed:
                 self._push(time.perf_counter() + self._delay_s, run)
@@ -128,8 +133,6 @@ class _Steps:
                     self._thread.start()
                 self._changed.notify()
             run.done.wait()
-        if run.error is not None:
-            raise run.error
 
     def _push(self, due: float, run: _Run) -> None:
         heapq.heappush(self._due, (due, next(self._order), run))
