@@ -153,7 +153,7 @@ class JobStore:
         keys = list(_publish_keys(job_id))
         args: list[str | int] = [token, body, seq]
         if self._publish_batch is not None:
-            return await self._publish_batch.publish(keys, args)
+            return await self._publish_batch.submit(keys, args)
         results = await self._publish(keys=keys, args=[c.REPLAY_MAXLEN, self.job_ttl_s, *args])
         return int(results[0])
 

@@ -64,11 +64,9 @@ class PublishBatcher:
         self._pending: list[Pending] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def publish(self, keys: list[str], args: list[str | int]) -> int:
-        return await self.submit(keys, args)
-
     def submit(self, keys: list[str], args: list[str | int]) -> asyncio.Future[int]:
-        """``publish`` as a future: a caller that takes the result in a done callback needs no task step."""
+        """One event's result (its seq, or a refusal) as a future: to await, or to take in a done callback (no
+        task step)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((keys, args, future))
         if self._sender is None or self._sender.done():
