@@ -175,8 +175,10 @@ def test_redis_restart_ends_every_request_and_service_recovers(tmp_path: Path, p
         for chunks in results:  # the running and the queued ones alike
             assert chunks[-1]["error_code"] == 50001, chunks[-1]
             assert re.fullmatch(gone, chunks[-1]["text"]), chunks[-1]
-        worker_log = worker.log()
-        assert len(re.findall(r"job \w+ taken over by another worker", worker_log)) == 4  # its token was gone
+        # Each run logs it when its engine has stopped, which may come after its client got the error.
+        fenced = r"job \w+ taken over by another worker"
+        wait_for(lambda: len(re.findall(fenced, worker.log())) >= 4, 30, "the 4 runs to stop as fenced")
+        assert len(re.findall(fenced, worker.log())) == 4  # its token was gone
         wait_for(lambda: served_models(base) == ["fake"], 30, "the worker to re-register after the restart")
         after = run_request(base, app_payload("fake", "after restart", 5, image=False))
         assert after[-1]["error_code"] == 0 and after[-1]["text"] == expected("after restart", 5)
