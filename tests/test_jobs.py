@@ -200,6 +200,40 @@ async def test_text_that_comes_while_a_call_is_due_waits_for_it(ar: aioredis.Red
     assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
 
 
+async def test_text_handed_over_as_the_publisher_goes_idle_is_published(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """Text may reach the collector at any time, the publisher's last ``collect`` too (as it goes idle, an engine
+    thread's token may just have come): every event submitted then is published. Here the first two collects
+    (before and after the first call) find nothing, the last one as the publisher goes idle hands over a text, and
+    each later one another. The publisher used to finish without that event (its task was still running, so
+    ``submit`` started no new one), and the job's stream stalled for good."""
+    published: list[asyncio.Future[int]] = []
+    collects = 0
+    all_handed = asyncio.Event()
+
+    class LateText:
+        def hold(self) -> None:
+            pass
+
+        def collect(self) -> None:
+            nonlocal collects
+            collects += 1
+            if collects > 2 and len(published) < 5:
+                k = len(published)
+                published.append(store.send_text(f"i{k}", f"token-{k}", f"text {k} ", 1))
+            if len(published) == 5:
+                all_handed.set()
+
+    store = JobStore(ar, collector=LateText())
+    for k in range(5):
+        await store.start(f"i{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    published.append(store.send_text("i0", "token-0", "text 0 ", 1))
+    await asyncio.wait_for(all_handed.wait(), 10)
+    results = await asyncio.wait_for(asyncio.gather(*published), 10)
+    assert results == [1] * 5
+    texts = [[json.loads(f["e"])["text"] for _, f in r.xrange(c.job_events_key(f"i{k}"))] for k in range(5)]
+    assert texts == [[f"text {k} "] for k in range(5)]
+
+
 async def test_a_worker_renews_all_its_runs_in_one_round_trip(ar: aioredis.Redis, r: redis.Redis) -> None:
     store = JobStore(ar)
     for k in range(6):

@@ -74,12 +74,17 @@ class PublishBatcher:
         return future
 
     async def _send_all(self) -> None:
-        try:
-            while await self._gather():
-                await self._send(self._pending)
-        finally:
-            if self._collector is not None:  # never leave events waiting for a call that will not come
-                self._collector.collect()
+        while True:
+            try:
+                while await self._gather():
+                    await self._send(self._pending)
+            finally:
+                if self._collector is not None:  # never leave events waiting for a call that will not come
+                    self._collector.collect()
+            # That collect may have submitted events while this task was still running (so ``submit`` started
+            # no sender): they go with this one. Once it returns, with no await in between, ``submit`` starts one.
+            if not self._pending:
+                return
 
     async def _gather(self) -> bool:
         """Wait out the window (a busy worker), collect what waited for this call; whether there is any."""
