@@ -200,6 +200,38 @@ async def test_text_that_comes_while_a_call_is_due_waits_for_it(ar: aioredis.Red
     assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
 
 
+async def test_the_engine_thread_that_wakes_the_loop_waits_until_its_call_is_written(
+    ar: aioredis.Redis, r: redis.Redis
+) -> None:
+    """broker_worker/handoff.py: an engine holds the GIL while it computes, so the thread that woke the loop gives
+    it up until the call carrying its text is written (each loop step would wait for a forced GIL switch). Text
+    that makes no call due (a job coalescing its deltas keeps it) lets the thread go on at once."""
+    order: list[str] = []
+
+    class Watched(Handoff):
+        def written(self) -> None:
+            order.append("written")
+            super().written()
+
+    handoff = Watched(yield_s=30)  # never the timeout: the order below is the mechanism's, on any machine
+    store = JobStore(ar, collector=handoff)
+    await store.start("y0", "1-0", "token-0", "worker-a", 0)
+    published: list[asyncio.Future[int]] = []
+    kept: list[str] = []
+    publish = handoff.feeder(lambda text: published.append(store.send_text("y0", "token-0", text, 1)))
+    keep = handoff.feeder(kept.append)
+
+    def engine(feed: Callable[[str], None], text: str) -> None:
+        feed(text)
+        order.append("engine goes on")
+
+    await asyncio.wait_for(asyncio.to_thread(engine, publish, "first "), 10)
+    assert order[:2] == ["written", "engine goes on"]
+    assert await published[0] == 1
+    await asyncio.wait_for(asyncio.to_thread(engine, keep, "kept "), 10)  # not 30 s: no call was due
+    assert order[-1] == "engine goes on" and kept == ["kept "]
+
+
 async def test_text_handed_over_as_the_publisher_goes_idle_is_published(ar: aioredis.Redis, r: redis.Redis) -> None:
     """Text may reach the collector at any time, the publisher's last ``collect`` too (as it goes idle, an engine
     thread's token may just have come): every event submitted then is published. Here the first two collects
@@ -212,6 +244,9 @@ async def test_text_handed_over_as_the_publisher_goes_idle_is_published(ar: aior
 
     class LateText:
         def hold(self) -> None:
+            pass
+
+        def written(self) -> None:
             pass
 
         def collect(self) -> None:

@@ -42,6 +42,9 @@ class Collector(Protocol):
     def collect(self) -> None:
         """Deliver what waited, now: the events it makes are published (in this loop iteration's callbacks)."""
 
+    def written(self) -> None:
+        """A call was written to Redis, or the batcher went idle with none to write."""
+
 
 class PublishBatcher:
     def __init__(
@@ -71,6 +74,8 @@ class PublishBatcher:
         self._pending.append((keys, args, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_all())
+            if self._collector is not None:
+                self._collector.hold()  # the new sender collects before its call
         return future
 
     async def _send_all(self) -> None:
@@ -81,6 +86,7 @@ class PublishBatcher:
             finally:
                 if self._collector is not None:  # never leave events waiting for a call that will not come
                     self._collector.collect()
+                    self._collector.written()
             # That collect may have submitted events while this task was still running (so ``submit`` started
             # no sender): they go with this one. Once it returns, with no await in between, ``submit`` starts one.
             if not self._pending:
@@ -155,6 +161,8 @@ class PublishBatcher:
             for attempt in range(2):
                 command: list[str | int] = ["EVALSHA", self._script.sha, len(keys), *keys, *args]
                 await conn.send_packed_command(_resp(command, conn.encoder.encoding, conn.encoder.encoding_errors))
+                if self._collector is not None:
+                    self._collector.written()
                 try:
                     return await conn.read_response()
                 except NoScriptError:
