@@ -6,7 +6,8 @@ of a busy worker's CPU per token. Here the text of every job of the worker goes 
 woken only when nobody is about to read that queue anyway: while the publisher (protocol/publish_batch.py) has a
 call in flight or waits for its window, it ``hold``s the queue, and it ``collect``s it just before it gathers its
 next call. Tokens that come meanwhile reach Redis in that call, as they would have with a wake-up each. A quiet
-worker's first token wakes the loop at once, as before.
+worker's first token wakes the loop at once, as before, and so does each job's first text on a busy worker (its
+client waits for its first token; the publisher then ends its window early: ``urgent``).
 
 The engine thread that wakes the loop then waits, at most ``yield_s``, until the call carrying its text has been
 written (or the text turned out to need no call now): its engine holds the GIL while it computes, and every step
@@ -43,15 +44,20 @@ class Handoff:
         """An ``on_delta`` for an engine thread: each text reaches ``sink`` on the running loop, in order."""
         loop = asyncio.get_running_loop()
         items = self._items
+        first = True
 
         def feed(text: str) -> None:  # on the engine's thread
+            nonlocal first
             items.append((sink, text))
-            # After the append: a collect() that cleared the flag before this read takes this item too.
-            if not self._due:
+            # After the append: a collect() that cleared the flag before this read takes this item too. A job's
+            # first text never waits for the next call of a busy worker: its client waits for its first token.
+            if first or not self._due:
+                quiet, first = not self._due, False
                 self._due = True
                 written = threading.Event()
                 loop.call_soon_threadsafe(self._wake, written)
-                written.wait(self._yield_s)  # the GIL is the loop's meanwhile
+                if quiet:  # a busy loop gets the GIL as it always does: the engine need not stall for it
+                    written.wait(self._yield_s)  # the GIL is the loop's meanwhile
 
         return feed
 

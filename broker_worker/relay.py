@@ -64,9 +64,9 @@ class Running:
         """``publish(Delta(text=text))``, the model not built (once per streamed event)."""
         return self.count(await store.publish_text(self.job.id, self.token, text, self.seq + 1))
 
-    def send_text(self, store: JobStore, text: str) -> asyncio.Future[int]:
+    def send_text(self, store: JobStore, text: str, urgent: bool = False) -> asyncio.Future[int]:
         """``publish_text`` as a future; its result goes through ``count`` (the caller's done callback)."""
-        return store.send_text(self.job.id, self.token, text, self.seq + 1)
+        return store.send_text(self.job.id, self.token, text, self.seq + 1, urgent)
 
     def count(self, result: int) -> int:
         """A publish's result: a seq is this run's latest."""
@@ -161,8 +161,10 @@ class Relay:
         self._buffer.clear()
         if self._stopped():
             return
+        first = self._last == 0.0  # the run's first delta: its client's time to first token waits on it
         self._inflight, self._last = True, time.monotonic()
-        self.run.send_text(self.store, text).add_done_callback(lambda future: self._sent(text, count, future))
+        sending = self.run.send_text(self.store, text, urgent=first)
+        sending.add_done_callback(lambda future: self._sent(text, count, future))
 
     def _sent(self, text: str, count: int, future: asyncio.Future[int]) -> None:
         self._inflight = False

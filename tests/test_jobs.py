@@ -163,7 +163,7 @@ async def test_a_busy_workers_window_shrinks_to_its_event_rate(ar: aioredis.Redi
 async def test_text_that_comes_while_a_call_is_due_waits_for_it(ar: aioredis.Redis, r: redis.Redis) -> None:
     """broker_worker/handoff.py: a quiet worker's first token reaches the loop at once; tokens that come while a
     call is in flight or its window runs are not handed over one by one but all at once, just before the next
-    call, which carries them all."""
+    call, which carries them all (jobs past their first text: a job's first text always wakes the loop)."""
     handoff = Handoff()
     store = JobStore(ar, publish_window_s=0.3, collector=handoff)
     for k in range(6):
@@ -171,15 +171,22 @@ async def test_text_that_comes_while_a_call_is_due_waits_for_it(ar: aioredis.Red
     loop = asyncio.get_running_loop()
     handed: list[float] = []
     published: list[asyncio.Future[int]] = []
+    seqs = [0] * 6
 
     def sink(k: int) -> Callable[[str], None]:
         def take(text: str) -> None:  # on the loop, as Relay._add
             handed.append(loop.time())
-            published.append(asyncio.ensure_future(store.publish(f"h{k}", f"token-{k}", Delta(text=text), 1)))
+            seqs[k] += 1
+            published.append(asyncio.ensure_future(store.publish(f"h{k}", f"token-{k}", Delta(text=text), seqs[k])))
 
         return take
 
     feeds = [handoff.feeder(sink(k)) for k in range(6)]
+    await asyncio.to_thread(lambda: [feeds[k]("earlier ") for k in range(1, 6)])  # past their first text
+    await asyncio.wait_for(asyncio.gather(*published), 10)
+    await asyncio.sleep(0.35)  # a quiet spell
+    handed.clear()
+    published.clear()
     r.config_resetstat()
     began = loop.time()
     await asyncio.to_thread(feeds[0], "first ")  # from an engine thread
@@ -196,7 +203,7 @@ async def test_text_that_comes_while_a_call_is_due_waits_for_it(ar: aioredis.Red
     await asyncio.sleep(0.4)
     assert len(handed) == 6 and max(handed[1:]) - min(handed[1:]) < 0.01  # all at once
     assert min(handed[1:]) - began >= 0.29  # when the window of the first call ended
-    assert await asyncio.gather(*published) == [1] * 6
+    assert await asyncio.gather(*published) == [1] + [2] * 5
     assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 2
 
 
@@ -219,17 +226,53 @@ async def test_the_engine_thread_that_wakes_the_loop_waits_until_its_call_is_wri
     published: list[asyncio.Future[int]] = []
     kept: list[str] = []
     publish = handoff.feeder(lambda text: published.append(store.send_text("y0", "token-0", text, 1)))
-    keep = handoff.feeder(kept.append)
+    keep = Handoff(yield_s=30).feeder(kept.append)  # no publisher: nothing else could let its thread go on
 
     def engine(feed: Callable[[str], None], text: str) -> None:
         feed(text)
         order.append("engine goes on")
 
     await asyncio.wait_for(asyncio.to_thread(engine, publish, "first "), 10)
-    assert order[:2] == ["written", "engine goes on"]
+    assert order[0] == "written" and "engine goes on" in order  # released by the write (then the loop may go on)
     assert await published[0] == 1
     await asyncio.wait_for(asyncio.to_thread(engine, keep, "kept "), 10)  # not 30 s: no call was due
-    assert order[-1] == "engine goes on" and kept == ["kept "]
+    assert kept == ["kept "]
+
+
+async def test_a_runs_first_delta_ends_a_busy_workers_window(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """``urgent`` (the relay's first delta of a run): a busy worker's publisher, waiting out its window, sends at
+    once, with what else is pending; other events wait for the window (30 s here: never within this test)."""
+    store = JobStore(ar, publish_window_s=30)
+    for k in range(3):
+        await store.start(f"u{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    assert await store.publish("u0", "token-0", Delta(text="first "), 1) == 1  # after a quiet spell: at once
+    r.config_resetstat()
+    later = store.send_text("u1", "token-1", "steady ", 1)  # within the window: waits for it
+    await asyncio.sleep(0)
+    assert not later.done()
+    first = store.send_text("u2", "token-2", "first ", 1, urgent=True)
+    assert await asyncio.wait_for(asyncio.gather(first, later), 10) == [1, 1]
+    assert int(r.info("commandstats")["cmdstat_evalsha"]["calls"]) == 1  # both in one call
+
+
+async def test_a_jobs_first_text_wakes_a_busy_loop(ar: aioredis.Redis) -> None:
+    """broker_worker/handoff.py: while a call is due (``hold``), text waits for its ``collect``, except a job's
+    first text: its client waits for its first token."""
+    handoff = Handoff()
+    got: list[str] = []
+    feed = handoff.feeder(got.append)
+    handoff.hold()
+    feed("first ")  # on the loop's own thread here: a busy loop's engine thread does not wait for the call
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert got == ["first "]
+    handoff.hold()
+    feed("second ")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert got == ["first "], "a later text woke the loop while a call was due"
+    handoff.collect()
+    assert got == ["first ", "second "]
 
 
 async def test_text_handed_over_as_the_publisher_goes_idle_is_published(ar: aioredis.Redis, r: redis.Redis) -> None:

@@ -143,10 +143,12 @@ class JobStore:
         encoder, so the bytes are the same): this runs once per streamed event."""
         return await self._publish_body(job_id, token, _delta_body(text), seq)
 
-    def send_text(self, job_id: str, token: str, text: str, seq: int) -> asyncio.Future[int]:
-        """``publish_text`` as a future: the relay takes its result in a done callback, no task step per event."""
+    def send_text(self, job_id: str, token: str, text: str, seq: int, urgent: bool = False) -> asyncio.Future[int]:
+        """``publish_text`` as a future: the relay takes its result in a done callback, no task step per event.
+        ``urgent`` (a run's first delta): not held for a busy worker's publish window."""
         if self._publish_batch is not None:
-            return self._publish_batch.submit(list(_publish_keys(job_id)), [token, _delta_body(text), seq])
+            keys = list(_publish_keys(job_id))
+            return self._publish_batch.submit(keys, [token, _delta_body(text), seq], urgent)
         return asyncio.ensure_future(self.publish_text(job_id, token, text, seq))
 
     async def _publish_body(self, job_id: str, token: str, body: str, seq: int) -> int:

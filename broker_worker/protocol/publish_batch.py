@@ -66,16 +66,26 @@ class PublishBatcher:
         self._last_call = -window_s  # loop time the last call began
         self._pending: list[Pending] = []
         self._sender: asyncio.Task[None] | None = None
+        #: Resolved to end the window early: an urgent event (a run's first delta) is pending.
+        self._hurry: asyncio.Future[None] | None = None
+        self._urgent = False  # an urgent event waits for the next call: it waits out no window
 
-    def submit(self, keys: list[str], args: list[str | int]) -> asyncio.Future[int]:
+    def submit(self, keys: list[str], args: list[str | int], urgent: bool = False) -> asyncio.Future[int]:
         """One event's result (its seq, or a refusal) as a future: to await, or to take in a done callback (no
-        task step)."""
+        task step). An ``urgent`` event (a run's first delta: its client waits for its first token) ends the
+        window now: it goes in the next call with whatever else is pending."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((keys, args, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_all())
             if self._collector is not None:
                 self._collector.hold()  # the new sender collects before its call
+        elif urgent:
+            self._urgent = True
+            if self._hurry is not None and not self._hurry.done():
+                self._hurry.set_result(None)
+            if self._collector is not None:
+                self._collector.hold()
         return future
 
     async def _send_all(self) -> None:
@@ -95,12 +105,22 @@ class PublishBatcher:
     async def _gather(self) -> bool:
         """Wait out the window (a busy worker), collect what waited for this call; whether there is any."""
         loop = asyncio.get_running_loop()
-        if (wait := self._last_call + self.window_s - loop.time()) > 0:
-            await asyncio.sleep(wait)
+        if (wait := self._last_call + self.window_s - loop.time()) > 0 and not self._urgent:
+            await self._wait_window(wait)
         if self._collector is not None:
             self._collector.collect()
             await asyncio.sleep(0)  # the callbacks it scheduled run first: their events join this call
         return bool(self._pending)
+
+    async def _wait_window(self, wait: float) -> None:
+        """Sleep ``wait`` seconds, less when an urgent event comes meanwhile."""
+        hurry = self._hurry = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(wait, _resolve, hurry)
+        try:
+            await hurry
+        finally:
+            timer.cancel()
+            self._hurry = None
 
     @property
     def window_s(self) -> float:
@@ -120,7 +140,7 @@ class PublishBatcher:
         now = asyncio.get_running_loop().time()
         self._measure(len(batch), now)
         self._last_call = now
-        self._pending = []
+        self._pending, self._urgent = [], False
         if self._collector is not None:
             self._collector.hold()  # until the next _gather()
         try:
@@ -176,6 +196,11 @@ class PublishBatcher:
             raise
         finally:
             await pool.release(conn)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _resp(parts: list[str | int], encoding: str, errors: str) -> bytes:
