@@ -358,6 +358,28 @@ async def test_a_script_redis_lost_is_loaded_again(ar: aioredis.Redis, r: redis.
     assert texts == ["before ", "after "]
 
 
+async def test_the_publisher_keeps_its_connection_and_replaces_a_lost_one(ar: aioredis.Redis, r: redis.Redis) -> None:
+    """publish_batch.py keeps one connection between calls (no pool round per call); when Redis drops it, the
+    call on it fails (its caller retries, as the relay does) and the next call has a new connection."""
+    store = JobStore(ar, publish_window_s=0)
+    for k in range(2):
+        await store.start(f"c{k}", f"{k + 1}-0", f"token-{k}", "worker-a", 0)
+    assert await store.publish("c0", "token-0", Delta(text="one "), 1) == 1
+    before = {client["id"] for client in r.client_list()}
+    for seq in (2, 3):
+        assert await store.publish("c0", "token-0", Delta(text="more "), seq) == seq
+    assert {client["id"] for client in r.client_list()} == before  # no connection taken anew per call
+    r.client_kill_filter(_type="normal", skipme=True)  # every connection but this test's own
+    for attempt in range(3):
+        try:
+            assert await store.publish("c1", "token-1", Delta(text="after "), 1) == 1
+            break
+        except (redis.exceptions.ConnectionError, ConnectionError, OSError):
+            assert attempt == 0, "the publisher did not replace its lost connection"
+    texts = [json.loads(f["e"])["text"] for _, f in r.xrange(c.job_events_key("c1"))]
+    assert texts == ["after "]
+
+
 async def test_a_script_error_fails_only_its_own_event(ar: aioredis.Redis, r: redis.Redis) -> None:
     store = JobStore(ar)
     for k in range(3):
