@@ -345,7 +345,7 @@ def publish_cost(workdir: Path, jobs: int = 200, rounds: int = 50) -> dict[str, 
     made during one round trip or ``--publish-window-ms``), with a subscriber on every job's channel: what one
     Redis node's core costs per event at each batch size, without the rest of the stack on the CPU."""
     from broker_worker.protocol import constants as c
-    from broker_worker.protocol.jobs import lua
+    from broker_worker.protocol.script_pipeline import lua
     from tests.helpers import RedisServer
 
     server = RedisServer(workdir).start()

@@ -10,9 +10,10 @@ import redis
 
 from broker_worker.admin_read import DeadView, dead_letters, find_dead, job_view, letter_job, live_workers
 from broker_worker.protocol import constants as c
-from broker_worker.protocol.jobs import JobKeys, queue_commands
+from broker_worker.protocol.job_keys import JobKeys
 from broker_worker.protocol.messages import now_ms
 from broker_worker.protocol.states import JobStatus
+from broker_worker.protocol.submission import queue_commands
 
 #: How long a drain request waits for its worker (worker ids are unique per process, so a stale one is harmless).
 DRAIN_TTL_S = 3600

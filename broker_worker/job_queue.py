@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from broker_worker.protocol import constants as c
-from broker_worker.protocol.jobs import StreamReply, lua
+from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import DeadLetter
+from broker_worker.protocol.script_pipeline import lua
 
 log = logging.getLogger("broker_worker.worker")
 #: An entry whose ID has this millisecond part leaves no room for XADD '*' after it (see lua/repair_ids.lua).

@@ -231,7 +231,7 @@ def test_chat_ui_says_what_the_demo_model_is_and_asks_its_questions(  # type: ig
 
 def test_training_examples_are_what_the_worker_builds(engine: InternVLEngine) -> None:
     """Training goes through the worker's own prompt and tiling path: same input ids, same pixels."""
-    from broker_worker.model.demo_training import conversation_for, encode
+    from broker_worker.model.demo_examples import conversation_for, encode
     from broker_worker.model.prompt_tokens import PromptEncoder
     from broker_worker.protocol.messages import ChatMessage
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker_worker.protocol import jobs
+from broker_worker.protocol import submission
 from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.jobs import JobStore
@@ -214,7 +214,7 @@ def test_resubmitting_a_finished_id_neither_extends_it_nor_bricks_it(r: redis.Re
 
     async def resubmit() -> None:
         client = async_redis(_url(r))
-        await jobs.submit(client, Job.model_validate(job("again", tokens=4)))
+        await submission.submit(client, Job.model_validate(job("again", tokens=4)))
         await client.aclose()
 
     asyncio.run(resubmit())

@@ -1,4 +1,5 @@
-"""The job-side Lua scripts and stream caps (protocol/jobs.py, lua/*), in-process against a real redis-server.
+"""The job-side Lua scripts and stream caps (protocol/jobs.py and submission.py, lua/*), in-process against a real
+redis-server.
 
 Each test drives the product's own code (JobStore, queue_commands, an in-process Worker) and reads Redis back.
 """
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from broker_worker.handoff import Handoff
 from broker_worker.model.fake_engine import FakeEngine
 from broker_worker.protocol import constants as c
-from broker_worker.protocol import health, jobs
+from broker_worker.protocol import health, submission
 from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.inbox import Inbox
@@ -411,7 +412,7 @@ async def test_queued_jobs_are_marked_and_never_trimmed(r: redis.Redis) -> None:
     jobs; ../shared/reproductions/maxlen_trim.py shows the 100,000-entry case); each id is marked queued."""
     with r.pipeline(transaction=False) as pipe:
         for k in range(2500):
-            jobs.queue_commands(pipe, Job.model_validate(job(f"cap{k}")))
+            submission.queue_commands(pipe, Job.model_validate(job(f"cap{k}")))
         pipe.execute()
     assert r.xlen(c.job_stream("fake")) == 2500
     assert r.xinfo_stream(c.job_stream("fake"))["max-deleted-entry-id"] == "0-0"

@@ -27,17 +27,11 @@ from typing import Any
 
 import torch
 
+from broker_worker.model.demo_checkpoint import DEMO_NOTICE, TOKENS_PER_TILE, in_memory
+from broker_worker.model.demo_examples import collate, examples
 from broker_worker.model.demo_images import MAX_SIDE, MIN_SIDE, picture, picture_size, words_of
-from broker_worker.model.demo_training import (
-    DEMO_NOTICE,
-    TOKENS_PER_TILE,
-    Probe,
-    collate,
-    examples,
-    in_memory,
-    readout,
-    recipe_defaults,
-)
+from broker_worker.model.demo_train_loop import Probe, readout
+from broker_worker.model.demo_training import recipe_defaults
 from broker_worker.model.tiling import tile_image
 from broker_worker.model.tiny_model import make_tokenizer, save_checkpoint
 
@@ -126,7 +120,7 @@ def train_vision(model: Any, phase: VisionPhase) -> torch.nn.Linear:
 
 
 def train_joint(model: Any, tokenizer: Any, phase: JointPhase, shape_head: torch.nn.Linear | None) -> None:
-    """Phases 2 and 3: the answer's loss (as in ``demo_training``) plus a read-out's."""
+    """Phases 2 and 3: the answer's loss (as in ``demo_train_loop``) plus a read-out's."""
     loaded = in_memory(None, tokenizer)
     rng = random.Random(phase.seed)
     one = examples(loaded, rng, 1, 600, phase.mix)

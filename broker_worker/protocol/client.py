@@ -24,9 +24,10 @@ from broker_worker.protocol.errors import ErrorCode, JobError
 from broker_worker.protocol.inbox import Inbox
 from broker_worker.protocol.jobs import StreamReply
 from broker_worker.protocol.messages import Event, Job, WorkerHealth, is_terminal, parse_event
-from broker_worker.protocol.pubsub import RESYNC
 from broker_worker.protocol.readers import HANGUP_GRACE_S, Readers
 from broker_worker.protocol.replica_ack import ReplicaAck, write_and_wait_sync
+from broker_worker.protocol.submission import queue_commands, submission
+from broker_worker.protocol.subscription import RESYNC
 from broker_worker.protocol.tap import Tap, next_deltas
 
 log = logging.getLogger("broker_worker.protocol.client")
@@ -224,11 +225,11 @@ class Client:
         if status in ("running", "done", "failed", "cancelled"):
             return False
         if self.replica_ack.wanted:
-            _, acked = write_and_wait_sync(self.redis, jobs.submission(job), self.replica_ack)
+            _, acked = write_and_wait_sync(self.redis, submission(job), self.replica_ack)
             self.replica_ack.check(job.id, job.model, acked)
             return True
         with self.redis.pipeline(transaction=False) as pipe:
-            jobs.queue_commands(pipe, job)
+            queue_commands(pipe, job)
             pipe.execute()
         return True
 

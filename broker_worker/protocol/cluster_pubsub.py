@@ -16,7 +16,8 @@ from redis.exceptions import RedisError
 
 from broker_worker.protocol.aio import stop
 from broker_worker.protocol.inbox import Inbox
-from broker_worker.protocol.pubsub import MAX_BACKOFF_S, Subscriber, Subscription, drop_reader
+from broker_worker.protocol.pubsub import MAX_BACKOFF_S, Subscriber
+from broker_worker.protocol.subscription import Subscription, drop_reader
 
 log = logging.getLogger("broker_worker.protocol.cluster_pubsub")
 

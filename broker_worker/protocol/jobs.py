@@ -1,6 +1,6 @@
-"""Job-side Redis operations, shared by workers and clients: submit, start, publish (fenced), renew, release,
-replay, cancel. Each multi-key step is one Lua script over keys that share the job's hash tag; queueing is one
-script over the stream of the model's lane (admission and XADD in one step)."""
+"""Job-side Redis operations, shared by workers and clients: start, publish (fenced), renew, release, replay,
+cancel. Each multi-key step is one Lua script over keys that share the job's hash tag. ``JobStore`` is also a
+``Submitter``: queueing jobs is in submission.py."""
 
 from __future__ import annotations
 
@@ -8,45 +8,34 @@ import asyncio
 import functools
 import json
 import re
-from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic_core import to_json
 
 from broker_worker.protocol import constants as c
 from broker_worker.protocol.connections import is_cluster
-from broker_worker.protocol.errors import ErrorCode, JobError
-from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Job, Started, parse_event
+from broker_worker.protocol.job_keys import JobKeys
+from broker_worker.protocol.messages import JOB_ID_PATTERN, Event, Started, parse_event
 from broker_worker.protocol.publish_batch import Collector, PublishBatcher
-from broker_worker.protocol.replica_ack import ReplicaAck, Write, write_and_wait
-from broker_worker.protocol.script_pipeline import ScriptCall, evalsha_pipeline
+from broker_worker.protocol.replica_ack import ReplicaAck
+from broker_worker.protocol.script_pipeline import ScriptCall, evalsha_pipeline, lua
 from broker_worker.protocol.states import JobStatus, Ownership, PublishRefused
 
-T = TypeVar("T")
+# Queued, queue_commands, queue_full, submission and submit moved to submission.py; re-exported (``as`` itself) so
+# that scripts written against earlier releases keep importing them from here.
+from broker_worker.protocol.submission import Queued as Queued
+from broker_worker.protocol.submission import Submitter
+from broker_worker.protocol.submission import queue_commands as queue_commands
+from broker_worker.protocol.submission import queue_full as queue_full
+from broker_worker.protocol.submission import submission as submission
+from broker_worker.protocol.submission import submit as submit
+
 FENCED = PublishRefused.FENCED
 CANCELLED = PublishRefused.CANCELLED
 #: XREAD / XREADGROUP reply with decode_responses: [(stream, [(entry id, fields), …]), …], or None on timeout.
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None
-
-
-@functools.cache
-def lua(name: str) -> str:
-    return resources.files("broker_worker.protocol").joinpath(f"lua/{name}.lua").read_text()
-
-
-@dataclass(frozen=True)
-class JobKeys:
-    state: str
-    events: str
-    channel: str
-    cancel: str
-
-    @classmethod
-    def of(cls, job_id: str) -> JobKeys:
-        return cls(c.job_state_key(job_id), c.job_events_key(job_id), c.job_channel(job_id), c.job_cancel_key(job_id))
 
 
 @dataclass(frozen=True)
@@ -82,8 +71,9 @@ class Announce:
         return [self.max_attempts, int(self.expired), fresh, resumed, c.REPLAY_MAXLEN]
 
 
-class JobStore:
-    """The Lua scripts, registered once on an asyncio Redis client."""
+class JobStore(Submitter):
+    """The Lua scripts, registered once on an asyncio Redis client: a worker's run transitions, and (inherited from
+    ``Submitter``) queueing."""
 
     def __init__(
         self,
@@ -94,10 +84,8 @@ class JobStore:
         collector: Collector | None = None,
         publish_batch: int = 0,
     ) -> None:
-        self.redis = redis
+        super().__init__(redis, replica_ack)
         self.job_ttl_s = job_ttl_s
-        #: ``--min-replicas-ack``: submissions wait for that many replicas (``replica_ack``).
-        self.replica_ack = replica_ack or ReplicaAck()
         self._start = redis.register_script(lua("start"))
         self._publish = redis.register_script(lua("publish"))
         # A worker's events of many jobs go out in one call per round trip; on a cluster each job's keys have a
@@ -107,8 +95,6 @@ class JobStore:
         self._publish_batch = None if is_cluster(redis) else batcher
         self._renew = redis.register_script(lua("renew"))
         self._release = redis.register_script(lua("release"))
-        self._mark_queued = redis.register_script(lua("mark_queued"))
-        self._enqueue = redis.register_script(lua("enqueue"))
 
     async def start(
         self,
@@ -181,86 +167,6 @@ class JobStore:
         status = JobStatus.RETRY if failed_attempt else JobStatus.RELEASED
         return bool(await self._release(keys=[JobKeys.of(job_id).state], args=[token, status.value]))
 
-    async def submit(self, job: Job, max_queue: int = 0) -> str:
-        """Queue a job in one round trip; returns the stream entry id (``queue``'s, without its other facts).
-
-        The job goes on its lane's stream (``job.priority``). ``max_queue`` > 0 refuses (42903) when that many
-        entries of the lane are queued or running for the model, checked and added atomically. Re-submitting an
-        id that is running or finished queues an entry that the worker acks without running it (the start script
-        decides), so the caller may simply stream the id's events.
-        """
-        return (await self.queue(job, max_queue)).entry_id
-
-    async def queue(self, job: Job, max_queue: int = 0, also: Sequence[ScriptCall] = ()) -> Queued:
-        """``submit``, and whether the id was new. ``also``: script calls on the job's own keys (e.g. a reader's
-        join) sent in the same round trip where the submission is one pipeline, else alongside it; an error in
-        any of them is raised."""
-        marked, entry = await self._queue(job, max_queue, also)
-        if isinstance(entry, list):  # ['full', depth]
-            if marked:  # nothing was queued: do not leave a 'queued' marker behind
-                await self.redis.delete(JobKeys.of(job.id).state)
-            raise queue_full(job.model, int(entry[1]), max_queue, job.priority)
-        return Queued(str(entry), bool(marked))
-
-    async def _queue(self, job: Job, max_queue: int, also: Sequence[ScriptCall] = ()) -> tuple[int, str | list[Any]]:
-        """The ``mark_queued`` and ``enqueue`` scripts' replies; with ``--min-replicas-ack``, each followed by
-        ``WAIT`` on its connection, and a queued job that too few replicas acknowledged is reported."""
-        if self.replica_ack.wanted or is_cluster(self.redis):
-            return await _first(self._queue_apart(job, max_queue), also)
-        k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
-        calls = [  # one round trip (a script pipeline of redis-py's would ask SCRIPT EXISTS first: two)
-            *also,
-            (self._mark_queued, [k.state, k.events], [c.JOB_TTL_S]),
-            (self._enqueue, [stream], [job.model_dump_json(), max_queue]),
-        ]
-        results = await evalsha_pipeline(self.redis, calls)
-        if error := next((r for r in results if isinstance(r, Exception)), None):
-            raise error
-        marked, entry = results[-2:]
-        return marked, entry
-
-    async def _queue_apart(self, job: Job, max_queue: int) -> tuple[int, str | list[Any]]:
-        """``_queue`` where the submission is not one plain pipeline: with ``--min-replicas-ack`` or on a cluster."""
-        if self.replica_ack.wanted:
-            (marked, entry), acked = await write_and_wait(self.redis, submission(job, max_queue), self.replica_ack)
-            if not isinstance(entry, list):
-                self.replica_ack.check(job.id, job.model, acked)
-            return marked, entry
-        k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
-        # The job's keys and the model's stream are in different slots (maybe nodes), and a cluster pipeline
-        # does not reload a script a node lacks (a promoted replica): two calls, in parallel.
-        marked, entry = await asyncio.gather(
-            self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S]),
-            self._enqueue(keys=[stream], args=[job.model_dump_json(), max_queue]),
-        )
-        return marked, entry
-
-    async def submit_many(self, jobs: list[Job]) -> None:
-        """Queue jobs in one round trip, each on its lane's stream, without a queue limit (the caller bounds what
-        it has in flight). Each entry goes in before its ``queued`` marker: a submitter killed half way leaves
-        at most an entry without a marker (it runs as a new job), never a marker without an entry, which a reader
-        that re-attaches to the id would wait on for ever."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                k = JobKeys.of(job.id)
-                stream = c.job_stream(job.model, job.priority)
-                await self._enqueue(keys=[stream], args=[job.model_dump_json(), 0], client=pipe)
-                await self._mark_queued(keys=[k.state, k.events], args=[c.JOB_TTL_S], client=pipe)
-            await pipe.execute()
-
-
-@dataclass(frozen=True)
-class Queued:
-    entry_id: str
-    #: The id was unknown to Redis: this submission created it, so no event of it can have been recorded before.
-    new: bool
-
-
-async def _first(submission: Awaitable[T], calls: Sequence[ScriptCall]) -> T:
-    """``submission``'s result, with ``calls`` run alongside it (errors raised)."""
-    result, *_ = await asyncio.gather(submission, *(script(keys=keys, args=args) for script, keys, args in calls))
-    return result  # type: ignore[no-any-return]
-
 
 def _delta_body(text: str) -> str:
     return '"type":"delta","text":' + to_json(text).decode() + "}"
@@ -277,36 +183,6 @@ def _as_error(result: BaseException) -> Exception:
     if isinstance(result, Exception):
         return result
     raise result  # CancelledError and the like are not one job's failure
-
-
-def queue_full(model: str, depth: int, limit: int, lane: str = c.INTERACTIVE) -> JobError:
-    jobs = "jobs" if lane == c.INTERACTIVE else f"{lane} jobs"
-    return JobError(
-        ErrorCode.ENGINE_OVERLOADED,
-        f"{depth} {jobs} are queued or running for {model!r} (limit {limit}); retry later or start more workers",
-    )
-
-
-async def submit(redis: aioredis.Redis, job: Job, max_queue: int = 0) -> str:
-    """``JobStore.submit`` for callers without a store of their own."""
-    return await JobStore(redis).submit(job, max_queue)
-
-
-def submission(job: Job, max_queue: int = 0) -> list[Write]:
-    """A job's submission as raw writes (the scripts' text, each routed by its first key): the queued marker,
-    then the entry. Their last reply is the entry id (or ``['full', depth]``)."""
-    k, stream = JobKeys.of(job.id), c.job_stream(job.model, job.priority)
-    return [
-        (k.state, ("EVAL", lua("mark_queued"), 2, k.state, k.events, c.JOB_TTL_S)),
-        (stream, ("EVAL", lua("enqueue"), 1, stream, job.model_dump_json(), max_queue)),
-    ]
-
-
-def queue_commands(pipe: Any, job: Job) -> None:
-    """Add a job's submission to a pipeline (sync or asyncio: adding commands is synchronous in both; the script
-    text is sent each time, for callers that queue many jobs in one pipeline). The last reply is the entry id."""
-    for _, command in submission(job):
-        pipe.execute_command(*command)
 
 
 async def exists(redis: aioredis.Redis, job_id: str) -> bool:

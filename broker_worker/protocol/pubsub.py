@@ -5,13 +5,15 @@ touch only the node owning its slot, where a plain PUBLISH would be broadcast to
 Readers open and close subscriptions synchronously (no await), so a request cancelled at any point (a client that
 hangs up right after sending) can never leave a subscription behind. One task brings Redis in line with what is
 wanted: SSUBSCRIBE what is wanted and not yet sent, SUNSUBSCRIBE what was sent and is no longer wanted, batched.
-Another task reads. A channel is *live* once Redis answered every command sent for it on the current connection
-and the last one was SSUBSCRIBE.
+Another task reads (pubsub_replies.py). A channel is *live* once Redis answered every command sent for it on the
+current connection and the last one was SSUBSCRIBE.
 
 After any reconnect (an error, or a connection silent past a PING) nothing is subscribed on the new connection:
 every wanted channel is subscribed again, retrying with backoff until Redis takes it, and each of its readers
 gets ``RESYNC`` once the channel is live again, to re-read the replay (events published while the connection was
 down were not delivered).
+
+A reader's handle, ``Subscription``, is in subscription.py.
 """
 
 from __future__ import annotations
@@ -20,73 +22,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
-import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from broker_worker.protocol.aio import stop, wait_done
 from broker_worker.protocol.inbox import Inbox
+from broker_worker.protocol.pubsub_replies import read_replies
+from broker_worker.protocol.subscription import RESYNC, Subscription, drop_reader
 
 log = logging.getLogger("broker_worker.protocol.pubsub")
 
-RESYNC = "resync"  # a queue item that is not an event: re-read the replay record
-CONFIRM_TIMEOUT_S = 2.0  # a missed confirmation is harmless (the replay covers it); waiting bounds the usual race
-READ_POLL_S = 1.0
-PING_AFTER_S = 15.0  # a connection silent this long is probed with PING …
-DEAD_AFTER_S = 30.0  # … and replaced when still silent this long
 BATCH = 500  # channels per SSUBSCRIBE / SUNSUBSCRIBE command (one node; on a cluster, channels of one node)
 MAX_BACKOFF_S = 2.0
-READ_BYTES = 1 << 16
-
-
-class _Registry(Protocol):
-    def remove(self, subscription: Subscription) -> None: ...
-
-    async def wait_live(self, channel: str, timeout_s: float) -> bool: ...
-
-
-class Subscription:
-    """One reader's queue on one channel. ``close()`` (or leaving the ``with`` block) unregisters it at once."""
-
-    def __init__(self, subscriber: _Registry, channel: str) -> None:
-        self.channel = channel
-        self.queue = Inbox()
-        self._subscriber = subscriber
-        self._closed = False
-
-    async def confirmed(self, timeout_s: float = CONFIRM_TIMEOUT_S) -> bool:
-        """Wait until Redis confirmed the channel; False after ``timeout_s``."""
-        return await self._subscriber.wait_live(self.channel, timeout_s)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._subscriber.remove(self)
-            self.queue.close()
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-def drop_reader(wanted: dict[str, set[Inbox]], subscription: Subscription) -> bool:
-    """Take the subscription's inbox off its channel; True when that left the channel without readers (it is then
-    no longer wanted)."""
-    queues = wanted.get(subscription.channel)
-    if queues is None:
-        return False
-    queues.discard(subscription.queue)
-    if queues:
-        return False
-    del wanted[subscription.channel]
-    return True
 
 
 class Subscriber:
@@ -196,7 +145,7 @@ class Subscriber:
             try:
                 conn = await self._connect()
                 backoff = 0.1
-                await self._read(conn)
+                await read_replies(conn, self._handle)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost (%s); re-subscribing %d channels", exc, len(self._wanted))
             except Exception:  # a bug here must not end every stream's live delivery for good
@@ -229,61 +178,6 @@ class Subscriber:
         self._connected.set()
         self._changed.set()
         return self._conn
-
-    async def _read(self, conn: Any) -> None:
-        stream = getattr(conn, "_reader", None)
-        if isinstance(stream, asyncio.StreamReader):
-            await self._read_raw(conn, stream)
-        else:  # pragma: no cover - a connection class without the asyncio stream redis-py uses today
-            await self._read_replies(conn)
-
-    async def _read_raw(self, conn: Any, stream: asyncio.StreamReader) -> None:
-        """Every reply on the connection, parsed straight from its socket: each read (many messages when busy)
-        is fed to one hiredis reader and every complete reply handled at once. redis-py's ``read_response``
-        costs a timeout context, several calls and a debug log string per message, which was most of the
-        gateway's pub/sub share per event. Only this task reads the connection (the writer only writes), and
-        redis-py has read nothing past the connection's handshake, so nothing is lost or read twice."""
-        reader = hiredis.Reader(encoding=conn.encoder.encoding, errors=conn.encoder.encoding_errors)
-        loop = asyncio.get_running_loop()
-        heard, pinged = loop.time(), False
-        while True:
-            reply = reader.gets()
-            while reply is not False:
-                if isinstance(reply, Exception):
-                    raise ResponseError(str(reply))
-                self._handle(reply)
-                reply = reader.gets()
-            data = None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(READ_POLL_S):
-                    data = await stream.read(READ_BYTES)
-            if data == b"":
-                raise OSError("pub/sub connection closed by Redis")
-            now = loop.time()
-            if data is not None:
-                reader.feed(data)
-                heard, pinged = now, False
-            elif now - heard > DEAD_AFTER_S:
-                raise OSError(f"pub/sub connection silent for {DEAD_AFTER_S:.0f}s")
-            elif now - heard > PING_AFTER_S and not pinged:
-                await conn.send_command("PING", check_health=False)
-                pinged = True
-
-    async def _read_replies(self, conn: Any) -> None:
-        loop = asyncio.get_running_loop()
-        heard, pinged = loop.time(), False
-        while True:
-            # push_request: hiredis hands pub/sub replies over as push notifications, which are skipped otherwise
-            reply = await conn.read_response(timeout=READ_POLL_S, push_request=True)
-            now = loop.time()
-            if reply is not None:
-                heard, pinged = now, False
-                self._handle(reply)
-            elif now - heard > DEAD_AFTER_S:
-                raise OSError(f"pub/sub connection silent for {DEAD_AFTER_S:.0f}s")
-            elif now - heard > PING_AFTER_S and not pinged:
-                await conn.send_command("PING", check_health=False)
-                pinged = True
 
     def _handle(self, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 2:

@@ -1,7 +1,9 @@
-"""Lua scripts in one pipeline, sent by their hash."""
+"""The protocol's Lua scripts (``lua/*.lua``): their text, and calls of them in one pipeline, sent by their hash."""
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -9,6 +11,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 ScriptCall = tuple[AsyncScript, list[Any], list[Any]]
+
+
+@functools.cache
+def lua(name: str) -> str:
+    return resources.files("broker_worker.protocol").joinpath(f"lua/{name}.lua").read_text()
 
 
 async def evalsha_pipeline(redis: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
