@@ -302,8 +302,8 @@ def summarise(
     ]
     gateway_cpu, worker_cpu, redis_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], cpu1[2] - cpu0[2]
 
-    def delays(which: list[dict[str, Any]]) -> dict[str, float]:
-        values = [d for s in which for d in s["delay"]]
+    def delays(which: list[dict[str, Any]], first_only: bool = False) -> dict[str, float]:
+        values = [d for s in which for d in (s["delay"][:1] if first_only else s["delay"])]
         if not values:
             return {"p50": -1.0, "p99": -1.0}
         return {"p50": round(pct(values, 50) * 1000, 2), "p99": round(pct(values, 99) * 1000, 2)}
@@ -315,6 +315,9 @@ def summarise(
         "ramp_s": round(ramp, 2),
         "added_delay_ms": delays(every),
         "added_delay_ms_by_protocol": {name: delays(half) for name, half in streams.items()},
+        # Each stream's first token alone (its client's time to first token, under this load): a run's first
+        # delta does not wait for its worker's publish window.
+        "first_token_added_delay_ms": delays(every, first_only=True),
         "gateway_cpu_ms_per_1000_events": round(gateway_cpu * 1e6 / max(events, 1), 1),
         "gateway_rss_kb_per_stream": round((rss_peak - rss_before) / 1024 / n, 1),
         "redis_cpu_us_per_event": round(redis_cpu * 1e6 / max(published, 1), 2),
