@@ -37,8 +37,8 @@ def make_demo_model(
     start: Path | None = None,
     done: int = 1,
 ) -> Path:
-    """Train stage after stage (stage k draws pictures from a generator started at ``seed + k``, with a fresh
-    optimizer); ``start``: a checkpoint written after the first ``done`` stages, to run only the later ones (the
+    """Train stage after stage (stage k draws pictures from its own generator, started at the recipe's number
+    plus k, with a fresh optimizer); ``start``: a checkpoint written after the first ``done`` stages, to run only the later ones (the
     same weights as going on in one process)."""
     from transformers import InternVLForConditionalGeneration
 
