@@ -38,8 +38,8 @@ def make_demo_model(
     done: int = 1,
 ) -> Path:
     """Train stage after stage (stage k draws pictures from its own generator, started at the recipe's number
-    plus k, with a fresh optimizer); ``start``: a checkpoint written after the first ``done`` stages, to run only the later ones (the
-    same weights as going on in one process)."""
+    plus k, with a fresh optimizer); ``start``: a checkpoint written after the first ``done`` stages, to run only
+    the later ones (the same weights as going on in one process)."""
     from transformers import InternVLForConditionalGeneration
 
     # One thread by default: on a busy shared CPU, two threads that wait on each other ran a step 5x slower.

@@ -43,13 +43,18 @@ class Prepared:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     max_new_tokens: int
+    #: The tokens of the text already sent (an earlier run's), as re-tokenized into ``input_ids``.
     prefix_tokens: int
+    #: What the earlier runs are credited with: ``prefix_tokens``, but never so many that the job's usage could
+    #: pass its ``max_new_tokens`` (their token ids are gone; text that does not round-trip, such as a U+FFFD
+    #: from a character split across tokens, re-tokenizes into more tokens than were generated).
+    earlier_tokens: int = 0
 
     def usage(self, generated: int) -> Usage:
         """Tokens of the request as the client sees it: text already sent by an earlier worker is completion."""
         return Usage(
             prompt_tokens=int(self.input_ids.shape[1]) - self.prefix_tokens,
-            completion_tokens=self.prefix_tokens + generated,
+            completion_tokens=self.earlier_tokens + generated,
         )
 
 
@@ -92,7 +97,8 @@ class InternVLEngine:
         prefix_tokens = self.encoder.count(answer_prefix) if answer_prefix else 0
         room = self.loaded.context_len - int(input_ids.shape[1])
         max_new = max(1, min(job.max_new_tokens - prefix_tokens, room))
-        return Prepared(input_ids, torch.ones_like(input_ids), pixel_values, max_new, prefix_tokens)
+        earlier = min(prefix_tokens, job.max_new_tokens - max_new)  # = prefix_tokens unless it over-counts
+        return Prepared(input_ids, torch.ones_like(input_ids), pixel_values, max_new, prefix_tokens, max(0, earlier))
 
     def pixel_values(self, conversation: Conversation) -> tuple[torch.Tensor | None, list[int]]:
         if not conversation.images:
