@@ -68,7 +68,8 @@ def job_events_key(job_id: str) -> str:
 def job_channel(job_id: str) -> str:
     """Pub/sub channel where each event is published as it is appended to the replay record.
 
-    lua/publish.lua derives it from the state key (``:state`` -> ``:chan``): keep the two in step.
+    lua/record_event.lua (publish and start) derives it from the state key (``:state`` -> ``:chan``): keep the two
+    in step.
     """
     return f"{KEY_PREFIX}:job:{{{job_id}}}:chan"
 

@@ -13,9 +13,15 @@ from redis.exceptions import NoScriptError
 ScriptCall = tuple[AsyncScript, list[Any], list[Any]]
 
 
+#: A script's first line naming the fragment it needs (lua/record_event.lua), put before its own text.
+_WITH = "-- with: "
+
+
 @functools.cache
 def lua(name: str) -> str:
-    return resources.files("broker_worker.protocol").joinpath(f"lua/{name}.lua").read_text()
+    text = resources.files("broker_worker.protocol").joinpath(f"lua/{name}.lua").read_text()
+    first = text.split("\n", 1)[0]
+    return lua(first.removeprefix(_WITH).strip()) + text if first.startswith(_WITH) else text
 
 
 async def evalsha_pipeline(redis: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:

@@ -1,3 +1,4 @@
+-- with: record_event
 -- Append events to their jobs' replay streams and publish them, each only while its caller still owns the job.
 -- One call carries one event or several, each applied on its own as if called alone: a worker sends the events
 -- its jobs produced during one round trip in one call, so the script's fixed cost is paid once per round trip
@@ -29,10 +30,7 @@ local function publish(state_key, events_key, cancel_key, token, body, expected_
   -- The caller's text of the seq when it is the one given (always, but after a gap): Lua formats a number with
   -- sprintf, and this runs once per streamed event.
   local seq_text = seq == expected and expected_text or tostring(seq)
-  local message = '{"seq":' .. seq_text .. ',' .. body
-  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', 'e', message)
-  redis.call('HSET', state_key, 'seq', seq_text)
-  redis.call('SPUBLISH', string.sub(state_key, 1, -6) .. 'chan', message)  -- ivl:job:{id}:state -> …:chan
+  record(state_key, events_key, seq_text, body, maxlen)
   if terminal then
     redis.call('HSET', state_key, 'status', kind, 'owner', '', 'ended_by', token)
     redis.call('EXPIRE', state_key, ttl)

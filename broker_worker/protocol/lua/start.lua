@@ -1,3 +1,4 @@
+-- with: record_event
 -- Take a job for a run: decide new / resumed / duplicate, count the attempt, install the new fencing token.
 -- KEYS[1] state hash, KEYS[2] cancel key, KEYS[3] replay stream
 -- ARGV[1] stream entry id, ARGV[2] fencing token, ARGV[3] worker id, ARGV[4] now (ms), ARGV[5] ttl (s),
@@ -38,10 +39,7 @@ local cancelled = redis.call('EXISTS', KEYS[2])
 local started = 0
 -- the same refusals as the worker's (job_run.py): cancelled, too many attempts, past its deadline and not resumed
 if ARGV[9] and cancelled == 0 and attempts <= tonumber(ARGV[7]) and not (ARGV[8] == '1' and seq == 0) then
-  local message = '{"seq":' .. (seq + 1) .. ',' .. (seq == 0 and ARGV[9] or ARGV[10])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*', 'e', message)
-  redis.call('HSET', KEYS[1], 'seq', seq + 1)
-  redis.call('SPUBLISH', string.sub(KEYS[1], 1, -6) .. 'chan', message)  -- ivl:job:{id}:state -> …:chan
+  record(KEYS[1], KEYS[3], tostring(seq + 1), seq == 0 and ARGV[9] or ARGV[10], ARGV[11])
   if seq == 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
   started = 1
 end
