@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from broker_worker.model.loading import LoadedModel
-from broker_worker.model.prompt import CHATML
+from broker_worker.model.loading import LoadedModel, native_loaded
 from broker_worker.model.tiny_model import make_config, make_tokenizer
 
 DEMO_NOTICE = (
@@ -47,15 +46,4 @@ def new_model(seed: int) -> tuple[Any, Any]:
 
 def in_memory(model: Any, tokenizer: Any) -> LoadedModel:
     """What ``loading.load`` gives for this checkpoint, without a round trip through the disk."""
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        format="native",
-        template=CHATML,
-        image_size=IMAGE_SIZE,
-        use_thumbnail=True,
-        dynamic_image_size=True,
-        tokens_per_tile=TOKENS_PER_TILE,
-        context_len=CONTEXT,
-        device="cpu",
-    )
+    return native_loaded(model, tokenizer)

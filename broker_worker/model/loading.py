@@ -155,15 +155,19 @@ def _load_native(opts: LoadOptions, kwargs: dict[str, Any]) -> LoadedModel:
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     model = AutoModelForImageTextToText.from_pretrained(opts.model_path, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(opts.model_path)
+    return native_loaded(model, AutoTokenizer.from_pretrained(opts.model_path))
+
+
+def native_loaded(model: Any, tokenizer: Any) -> LoadedModel:
+    """A transformers-native InternVL model as the serving code sees it, from its own config (also for a model
+    built in memory: the demo model's training)."""
     cfg = model.config
-    image_size = _side(cfg.vision_config.image_size)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         format="native",
         template=CHATML,
-        image_size=image_size,
+        image_size=_side(cfg.vision_config.image_size),
         use_thumbnail=True,
         dynamic_image_size=True,
         tokens_per_tile=int(cfg.image_seq_length),
