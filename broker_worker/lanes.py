@@ -44,10 +44,10 @@ class Lanes:
         for queue in self.queues:
             await queue.ensure_group()
 
-    async def take(self, count: int, running: Iterable[Entry], take_over: bool, block_ms: int) -> list[Entry]:
-        """Up to ``count`` entries in lane order (see the module's docstring). ``running`` are this worker's own
-        entries: a take-over pass claims them back without returning them."""
-        own = list(running)
+    async def take(self, count: int, held: Iterable[Entry], take_over: bool, block_ms: int) -> list[Entry]:
+        """Up to ``count`` entries in lane order (see the module's docstring). ``held`` are the entries this worker
+        has taken and not let go of: a take-over pass claims them back without returning them."""
+        own = list(held)
         read_out, self._first_read_out = self._first_read_out, False
         for index, queue in enumerate(self.queues):
             if take_over:

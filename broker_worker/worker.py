@@ -48,7 +48,9 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lanes = Lanes(redis, self.model, self.worker_id, settings.lease_s)
         self.slots = settings.limit_model_concurrency
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Every entry this worker has taken and not yet let go of (one task each), from the moment it is taken:
+        #: its own take-over pass must never claim one of them, even before its run has started.
+        self._tasks: dict[asyncio.Task[None], Entry] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         #: Set once running jobs are drained. The heartbeat ends on it by itself: with redis-py's asyncio client
@@ -131,8 +133,10 @@ class Worker:
         take_over = time.monotonic() >= self._next_take_over
         if take_over:
             self._next_take_over = time.monotonic() + self._take_over_interval()
-        running = [run.entry for run in self.runner.running.values()]
-        taken = await self.lanes.take(self.free_slots, running, take_over, TAKE_BLOCK_MS)
+        # Not only the running entries: one taken by the last wait may still be at its start script (after a
+        # freeze it is idle past the lease, and a take-over pass now would hand this worker its own job twice).
+        held = list(self._tasks.values())
+        taken = await self.lanes.take(self.free_slots, held, take_over, TAKE_BLOCK_MS)
         for entry in taken:
             if entry.reclaimed:
                 log.info("entry %s reclaimed from a silent worker (%s)", entry.entry_id, entry.queue.stream)
@@ -203,7 +207,7 @@ class Worker:
 
     def _spawn(self, entry: Entry) -> None:
         task = asyncio.create_task(self._handle(entry))
-        self._tasks.add(task)
+        self._tasks[task] = entry
         task.add_done_callback(self._task_done)
 
     async def _handle(self, entry: Entry) -> None:
@@ -214,7 +218,7 @@ class Worker:
         await self.runner.handle(entry)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         self._slot_freed.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("job handler crashed: %r", exc, exc_info=exc)

@@ -130,6 +130,36 @@ def test_frozen_worker_that_reclaims_its_own_job_does_not_lose_it(r: redis.Redis
     assert r.hget("ivl:job:{self}:state", "attempts") == "1"
 
 
+def _blocked_on_the_job_stream(r: redis.Redis) -> bool:
+    return any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in r.client_list())
+
+
+def test_a_job_delivered_while_its_worker_is_frozen_runs_once(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    """Redis hands a new entry to the frozen worker's pending XREADGROUP; thawed, the worker reads it idle past the
+    lease, and its next take-over pass is due (its clock jumped): that pass must not claim it a second time."""
+    worker = start_worker(delay=0.01, lease_s=1.0)
+    for _ in range(20):  # the worker's wait lasts 1 s: freeze it inside one, then queue the job
+        wait_for(lambda: _blocked_on_the_job_stream(r), 10, "the worker waiting for new entries")
+        worker.signal(signal.SIGSTOP)
+        if _blocked_on_the_job_stream(r):
+            submit(r, job("thaw", question="thawed", tokens=5))
+            break
+        worker.signal(signal.SIGCONT)  # its wait ended as it froze; try the next one
+    else:
+        pytest.fail("never froze the worker inside a wait")
+    try:
+        pending = lambda: r.xpending_range("ivl:jobs:fake", "workers", "-", "+", 1)  # noqa: E731
+        wait_for(lambda: pending() and pending()[0]["time_since_delivered"] > 1500, 20, "the lease to lapse")
+    finally:
+        worker.signal(signal.SIGCONT)
+    evs = wait_terminal(r, "thaw", 30)
+    assert text_of(evs) == expected_text("thawed", 5)
+    assert [e["type"] for e in evs].count("started") == 1
+    assert worker.log().count("job thaw received") == 1, worker.log()[-2000:]
+    assert r.hget("ivl:job:{thaw}:state", "attempts") == "1"
+    wait_for(lambda: r.xlen("ivl:jobs:fake") == 0, 10, "the entry finished")
+
+
 def test_dead_workers_job_is_taken_over_on_a_busy_fleet(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
     """XAUTOCLAIM with COUNT = free slots examines 10 x COUNT pending entries per call: the take-over pass must
     walk the whole pending list (cursor kept), not rescan its head, where a live worker's entries sit."""
