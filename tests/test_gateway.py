@@ -444,6 +444,7 @@ def test_request_deadline_when_no_worker_takes_the_job(start_worker, start_gatew
         status, parts = stream(base, payload, timeout=30)
         assert status == 200 and parts[-1]["error_code"] == 50006
         assert parts[-1]["text"] == "no worker started job unclaimed within 6s (are workers running for this model?)"
+        assert r.get("ivl:job:{unclaimed}:cancel") == "1"  # recorded before the client was told
     finally:
         worker.signal(signal.SIGCONT)
     # The gateway cancelled the job it gave up on; picked up late, it is dropped, never run.

@@ -113,8 +113,9 @@ class AsyncClient:
                     async for event in self._events(job.id, subscription.queue, 0, tap, replay_first, **timeouts):
                         finished = is_terminal(event)
                         yield event
-                except JobError:  # the caller is told the job failed (e.g. not started in time): no grace
-                    gave_up = True
+                except JobError:  # the caller is told the job failed (e.g. not started in time): no grace,
+                    gave_up = True  # and the cancel is recorded before it is told, so no later worker runs it
+                    await self.readers.leave_now(reader, cancel=self.cancel_abandoned)
                     raise
         finally:  # a refused submission cancels nothing: the id may be another request's running job
             cancel = self.cancel_abandoned and queued and not finished

@@ -132,6 +132,10 @@ class Readers:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def leave_now(self, reader: str, *, cancel: bool) -> None:
+        """``leave``, a Redis error logged instead of raised (as for a leave in the background)."""
+        await self._leave_logged(reader, cancel, 0.0)
+
     async def _leave_logged(self, reader: str, cancel: bool, delay: float) -> None:
         if delay > 0:
             with contextlib.suppress(TimeoutError):  # a retry of the same id may join meanwhile
