@@ -172,7 +172,7 @@ async def run_clients(protocol: str, port: int, ks: list[int], tokens: int) -> l
 
 def client_main(protocol: str, port: int, first: int, count: int, tokens: int, out: Path) -> None:
     streams = uvloop.run(run_clients(protocol, port, list(range(first, first + count)), tokens))
-    out.write_text(json.dumps(streams))
+    out.write_text(json.dumps({"streams": streams, "cpu_s": time.process_time()}))
 
 
 # --- the scenario -----------------------------------------------------------------------------------------
@@ -223,6 +223,7 @@ def one_n(workdir: Path, n: int, tokens: int, interval_ms: int, profile: Path | 
         rss_before = gw.memory_info().rss
         worker_pids = [p.popen.pid for p in procs[:workers]]
         cpu0 = (cpu_s(gw.pid), sum(cpu_s(p) for p in worker_pids), *redis_snapshot(server))
+        began = time.monotonic()
         halves = {"fastchat": (0, n // 2), "openai": (n // 2, n - n // 2)}
         outs = {name: workdir / f"clients-{name}-{n}.json" for name in halves}
         clients = [
@@ -260,12 +261,35 @@ def one_n(workdir: Path, n: int, tokens: int, interval_ms: int, profile: Path | 
             rss_peak = max(rss_peak, gw.memory_info().rss)
             time.sleep(0.5)
         cpu1 = (cpu_s(gw.pid), sum(cpu_s(p) for p in worker_pids), *redis_snapshot(server))
-        streams = {name: json.loads(outs[name].read_text()) for name in halves}
+        wall_s = time.monotonic() - began
+        reports = {name: json.loads(outs[name].read_text()) for name in halves}
+        streams = {name: report["streams"] for name, report in reports.items()}
+        clients_cpu_s = sum(report["cpu_s"] for report in reports.values())
     finally:
         for proc in procs:
             proc.stop(10)
         server.kill()
-    return summarise(n, tokens, streams, cpu0, cpu1, rss_before, rss_peak, workers, slots, interval_ms)
+    summary = summarise(n, tokens, streams, cpu0, cpu1, rss_before, rss_peak, workers, slots, interval_ms)
+    return summary | box_share(summary, cpu0, cpu1, clients_cpu_s, wall_s)
+
+
+def box_share(
+    summary: dict[str, Any],
+    cpu0: tuple[float, float, float, dict[str, float]],
+    cpu1: tuple[float, float, float, dict[str, float]],
+    clients_cpu_s: float,
+    wall_s: float,
+) -> dict[str, Any]:
+    """What the whole run took of the box: every process here shares its cores, so when their CPU per event
+    times the event rate passes the cores there are, events queue (the added delay's tail), whatever each costs."""
+    events = max(summary["events_published"], 1)
+    total_s = sum(b - a for a, b in zip(cpu0[:3], cpu1[:3], strict=True)) + clients_cpu_s
+    return {
+        "clients_cpu_us_per_event": round(clients_cpu_s * 1e6 / events, 1),
+        "all_processes_cpu_us_per_event": round(total_s * 1e6 / events, 1),
+        "cores_busy": round(total_s / max(wall_s, 1e-9), 2),
+        "cores": psutil.cpu_count(),
+    }
 
 
 def summarise(
