@@ -50,6 +50,7 @@ class JobQueue:
         self.lease_ms = int(lease_s * 1000)
         self._cursor = "0-0"
         self._repair = redis.register_script(lua("repair_ids"))
+        self._finish = redis.register_script(lua("finish"))
 
     async def ensure_group(self) -> None:
         try:
@@ -95,11 +96,8 @@ class JobQueue:
             await self.redis.xclaim(self.stream, c.CONSUMER_GROUP, self.consumer, 0, owned, justid=True)
 
     async def finish(self, entry_id: str) -> None:
-        """The entry is done with (ran, refused, or a duplicate): acknowledge and delete it."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, c.CONSUMER_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            await pipe.execute()
+        """The entry is done with (ran, refused, or a duplicate): acknowledge and delete it (lua/finish.lua)."""
+        await self._finish(keys=[self.stream], args=[c.CONSUMER_GROUP, entry_id])
 
     async def hand_back(self, entry_id: str) -> None:
         """Make the entry the next thing any worker takes over, ahead of entries nobody has started: it stays

@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 
 from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry, at_end_of_id_space
@@ -77,7 +77,7 @@ class Worker:
     async def run(self) -> None:
         streams = " and ".join(self.lanes.streams)
         log.info("worker %s serving %r on %s (%d slots)", self.worker_id, self.model, streams, self.slots)
-        await self.lanes.ensure_groups()
+        await self._ensure_groups()
         loops = [self._heartbeat_loop(), self._renew_loop(), self._take_loop()]
         background = [asyncio.create_task(loop) for loop in loops]
         stopping = asyncio.create_task(self._stopping.wait())
@@ -97,6 +97,23 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
         if crashed is not None:
             raise RuntimeError("a worker loop crashed") from crashed.exception()
+
+    async def _ensure_groups(self) -> None:
+        """The lanes' consumer groups, waited for while Redis is down or refuses them (full, loading, a replica): a
+        worker started before Redis can take writes serves once it can, instead of exiting. A user the ACL does not
+        allow is a setup error: that one exits at once."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self.lanes.ensure_groups()
+                return
+            except (NoPermissionError, AuthenticationError, AuthorizationError):
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("cannot create the job streams' consumer groups yet (%s); retrying in %.1fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(2 * delay, 5.0)
 
     def stop(self) -> None:
         """Stop taking jobs; running ones get ``shutdown_grace_s`` to finish, then are handed back."""
@@ -218,7 +235,12 @@ class Worker:
         await self.runner.handle(entry)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
+        entry = self._tasks.pop(task, None)
         self._slot_freed.set()
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, RedisError | OSError) and entry is not None:  # Redis gone or refusing (full, read-only)
+            where = f"{entry.entry_id} ({entry.queue.stream})"
+            log.warning("entry %s left pending after a Redis error: %s; taken over after the lease", where, exc)
+        else:
             log.error("job handler crashed: %r", exc, exc_info=exc)

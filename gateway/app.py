@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
-from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid
+from broker_worker.protocol.errors import ErrorCode, JobError, describe_problems, invalid, redis_failure
 from broker_worker.protocol.replica_ack import ReplicaAck
 from gateway import routes_controller, routes_openai, routes_ops, routes_worker
 from gateway.auth import TokenAuth
@@ -126,7 +127,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """The last boundary: a bug still answers a typed 50001 in the request's protocol (the traceback is logged
-    by the server), never a bare 500 page or a dropped connection."""
+    by the server), never a bare 500 page or a dropped connection. A Redis error is named for what it is (a full
+    Redis: 42903, retry later) on every route, not only the streaming ones."""
+    if isinstance(exc, RedisError | OSError):
+        return _typed(request, redis_failure(exc))
     return _typed(request, JobError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
 
 

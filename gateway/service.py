@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from broker_worker.protocol.client import AsyncClient
-from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.errors import ErrorCode, JobError, redis_failure
 from broker_worker.protocol.image_refs import store_images
 from broker_worker.protocol.messages import Event, Failed, Job, Usage, WorkerHealth
 from broker_worker.protocol.tap import Tap
@@ -107,7 +107,7 @@ class GatewayService:
         try:
             status = await self.recent_status(model)
         except (RedisError, OSError) as exc:
-            raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
+            raise redis_failure(exc) from exc
         if model not in status.model_names and not self._served_lately(model):
             served = ", ".join(status.model_names) or "none"
             raise JobError(ErrorCode.INVALID_MODEL, f"no live worker serves model {model!r} (served: {served})")
@@ -129,7 +129,7 @@ class GatewayService:
             job = await store_images(self.client.redis, job, ack=self.client.replica_ack)
             events = await self.client.start(job, self.settings.max_queue, tap=tap, **self._timeouts())
         except (RedisError, OSError) as exc:
-            raise JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable: {exc}") from exc
+            raise redis_failure(exc) from exc
         except JobError as exc:
             self.metrics.jobs.labels(job.model, "refused").inc()
             raise exc
@@ -145,7 +145,7 @@ class GatewayService:
                 self._observe(job, event, started)
                 yield event
         except (RedisError, OSError) as exc:
-            raise JobError(ErrorCode.INTERNAL_ERROR, f"lost Redis while streaming job {job.id}: {exc}") from exc
+            raise redis_failure(exc, f" while streaming job {job.id}") from exc
         except JobError as exc:
             self.metrics.jobs.labels(job.model, f"error_{int(exc.code)}").inc()
             raise exc

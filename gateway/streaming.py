@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from broker_worker.protocol.errors import ErrorCode, JobError
+from broker_worker.protocol.errors import JobError, redis_failure
 from broker_worker.protocol.messages import Delta, Event
 from broker_worker.protocol.tap import Tap
 
@@ -67,7 +67,8 @@ async def frame_chunks(
     except JobError as exc:
         yield frames.failure(exc.code, exc.message)
     except (RedisError, OSError) as exc:
-        yield frames.failure(ErrorCode.INTERNAL_ERROR, f"Redis unavailable: {exc}")
+        failure = redis_failure(exc)
+        yield frames.failure(failure.code, failure.message)
     yield frames.closing()
 
 

@@ -6,6 +6,8 @@ from collections.abc import Collection, Iterable, Mapping
 from enum import IntEnum
 from typing import Any
 
+from redis import exceptions as rx
+
 
 class ErrorCode(IntEnum):
     OK = 0
@@ -47,3 +49,23 @@ def describe_problems(errors: Iterable[Mapping[str, Any]], *, skip: Collection[o
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in skip) or empty
         parts.append(f"{where}: {error.get('msg', '')}")
     return "; ".join(parts)
+
+
+def redis_failure(exc: BaseException, during: str = "") -> JobError:
+    """What a Redis error means to a client, with a code to act on: a full Redis is a refusal to retry later
+    (42903, as a full queue), not an outage; a replica, a server loading its data, or a user the ACL does not
+    allow are named as such. ``during``: what was being done (" while streaming job x")."""
+    said = str(exc)
+    if isinstance(exc, rx.OutOfMemoryError):
+        message = f"Redis is full (its maxmemory is reached){during}: retry later; its operator must free memory"
+        return JobError(ErrorCode.ENGINE_OVERLOADED, f"{message} ({said})", retryable=True)
+    if isinstance(exc, rx.BusyLoadingError):
+        return JobError(ErrorCode.INTERNAL_ERROR, f"Redis is loading its data set{during}; retry in a moment")
+    if isinstance(exc, rx.ReadOnlyError):
+        why = "the server is a read-only replica (a failover in progress?)"
+        return JobError(ErrorCode.INTERNAL_ERROR, f"Redis refused a write{during}: {why} ({said})")
+    if isinstance(exc, rx.NoPermissionError | rx.AuthenticationError | rx.AuthorizationError):
+        return JobError(ErrorCode.INTERNAL_ERROR, f"Redis refused the gateway's user{during}: {said}")
+    if isinstance(exc, rx.ResponseError):
+        return JobError(ErrorCode.INTERNAL_ERROR, f"Redis refused a command{during}: {said}")
+    return JobError(ErrorCode.INTERNAL_ERROR, f"Redis is unreachable{during}: {said}")
