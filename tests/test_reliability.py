@@ -190,6 +190,24 @@ def test_redis_restart_ends_every_request_and_service_recovers(tmp_path: Path, p
         server.kill()
 
 
+def test_worker_and_gateway_started_before_redis_serve_once_it_is_up(tmp_path: Path, procs: list[Proc]) -> None:
+    """A compose file or a reboot starts them in any order: neither exits while Redis is not there yet."""
+    server = RedisServer(tmp_path)  # its port is chosen; nothing listens on it yet
+    try:
+        worker = spawn("worker", worker_args(server.url, delay=0.01, lease_s=2.0), tmp_path)
+        gateway, base = spawn_gateway(server.url, tmp_path)
+        procs += [worker, gateway]
+        worker.wait_log("cannot create the job streams' consumer groups yet", 30, count=2)
+        assert httpx.get(base + "/health", timeout=10).json()["redis"] is False
+        assert worker.alive and gateway.alive
+        server.start()
+        wait_for(lambda: served_models(base) == ["fake"], 60, "the worker to register once Redis is up")
+        chunks = run_request(base, app_payload("fake", "after a late start", 5, image=False))
+        assert (chunks[-1]["error_code"], chunks[-1]["text"]) == (0, expected("after a late start", 5))
+    finally:
+        server.kill()
+
+
 def test_redis_restart_with_aof_keeps_queued_jobs_and_finishes_them(tmp_path: Path, procs: list[Proc]) -> None:
     server = RedisServer(tmp_path, extra=["--appendonly", "yes", "--appendfsync", "always"]).start()
     try:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from broker_worker.protocol.script_pipeline import evalsha_pipeline
@@ -177,7 +178,19 @@ class PublishBatcher:
 
     async def _evalsha(self, keys: list[str], args: list[str | int]) -> Any:
         """The script's call, packed here: redis-py's ``pack_command`` copies its growing buffer once per argument
-        (six per event), ~6 µs per event at 20 events a call. A script Redis lost (a restart) is loaded again."""
+        (six per event), ~6 µs per event at 20 events a call. A script Redis lost (a restart) is loaded again.
+        The connection is kept between calls; one that Redis (its ``timeout``) or a proxy closed while the worker
+        was quiet fails at once, and the call goes again at once on a new one (not after the relay's backoff:
+        that was the next first token's delay). Resending is safe: the script applies each event once."""
+        kept = self._conn is not None
+        try:
+            return await self._evalsha_once(keys, args)
+        except RedisConnectionError:
+            if not kept:
+                raise
+            return await self._evalsha_once(keys, args)
+
+    async def _evalsha_once(self, keys: list[str], args: list[str | int]) -> Any:
         if self._conn is None:
             self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn

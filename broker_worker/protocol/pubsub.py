@@ -147,7 +147,10 @@ class Subscriber:
                 backoff = 0.1
                 await read_replies(conn, self._handle)
             except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost (%s); re-subscribing %d channels", exc, len(self._wanted))
+                if self._wanted:
+                    log.warning("pub/sub connection lost (%s); re-subscribing %d channels", exc, len(self._wanted))
+                else:  # an idle connection that Redis (its `timeout`) or a proxy closed: no stream was affected
+                    log.info("idle pub/sub connection closed (%s); reconnecting", exc)
             except Exception:  # a bug here must not end every stream's live delivery for good
                 log.exception("pub/sub reader failed; reconnecting")
             await self._drop(self._conn)

@@ -1,6 +1,8 @@
-"""Redis at its maxmemory with `noeviction` (its default policy): writes are refused with OOM. A new request gets a
-typed refusal to retry later (42903, HTTP 429), not an outage report; a job that ended meanwhile still lets go of
-its entry; streams in flight pause and go on once memory is freed; nothing crashes."""
+"""Redis' own limits. Full (maxmemory with `noeviction`, its default policy): writes are refused with OOM; a new
+request gets a typed refusal to retry later (42903, HTTP 429), not an outage report; a job that ended meanwhile
+still lets go of its entry; streams in flight pause and go on once memory is freed; nothing crashes. Idle clients
+closed (`timeout`): the next call goes on a new connection at once.
+"""
 
 from __future__ import annotations
 
@@ -106,3 +108,28 @@ def test_a_worker_started_while_redis_is_full_waits_then_serves(own_redis: Redis
     assert text_of(evs) == expected_text("queued before it filled up", 5)
     assert r.hget("ivl:job:{early}:state", "attempts") == "1"
     assert worker.alive and "crashed" not in worker.log()
+
+
+def test_connections_redis_closes_while_idle_cost_no_publish_retry(  # type: ignore[no-untyped-def]
+    tmp_path: Path, start_worker, start_gateway
+) -> None:
+    server = RedisServer(tmp_path, extra=["--timeout", "1"]).start()  # closes a client idle for 1 s
+    try:
+        r = server.client()
+        worker = start_worker(url=server.url, wait=False)
+        gateway, base = start_gateway(url=server.url)
+        wait_for(lambda: live_worker_ids(r, "fake"), 60, "the worker to report healthy")
+        body = {"model": "fake", "prompt": [{"role": "user", "content": "after a quiet spell"}], "max_new_tokens": 5}
+        for k in range(1, 3):
+            status, parts = stream(base, body)
+            assert (status, parts[-1]["error_code"]) == (200, 0)
+            assert parts[-1]["text"] == expected_text("after a quiet spell", 5)
+            # The gateway's pub/sub connection went quiet after the publisher's: once Redis closed it, no idle
+            # script connection (the publisher's) is left either; the renewals' stays busy.
+            gateway.wait_log("idle pub/sub connection closed", 20, count=k)
+            idle = lambda: [c["idle"] for c in r.client_list() if c["cmd"] == "evalsha" and int(c["idle"]) > 1]  # noqa: E731
+            wait_for(lambda: not idle(), 10, "Redis to close the idle script connections")  # noqa: B023
+        assert "publish failed" not in worker.log(), worker.log()[-2000:]
+        assert worker.alive and gateway.alive
+    finally:
+        server.kill()
