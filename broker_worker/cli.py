@@ -9,6 +9,8 @@ import logging
 import signal
 import sys
 
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
+
 from broker_worker import settings_cli
 from broker_worker.model.engine import Engine
 from broker_worker.protocol.connections import async_redis, plain_url_problem, redact
@@ -105,6 +107,11 @@ async def _serve(settings: WorkerSettings, engine: Engine) -> int:
         loop.add_signal_handler(sig, worker.stop)
     try:
         await worker.run()
+    except (NoPermissionError, AuthenticationError, AuthorizationError) as exc:  # a setup error: one line, no retry
+        raise SystemExit(
+            f"broker-worker: Redis refused this worker's user ({exc}); the ACL a worker needs is in "
+            "docs/reliability.md, 'Security model'"
+        ) from exc
     finally:
         await redis.aclose()
     return 0

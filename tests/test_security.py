@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import ROOT, Proc, RedisServer, end_to_end, png_b64
+from tests.helpers import BIN, ROOT, Proc, RedisServer, end_to_end, png_b64
 from tests.test_images import png_bomb
 
 # The ACL users docs/reliability.md documents (keys and channels under ivl:, only the commands each side uses).
@@ -63,6 +63,29 @@ def test_least_privilege_acl_users(tmp_path: Path, procs: list[Proc]) -> None:
             redis.Redis(port=server.port).ping()
         for proc in procs:
             assert "worker-secret" not in proc.log() and "gateway-secret" not in proc.log()  # passwords not logged
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("user", ["wrong password", "the gateway's user"])
+def test_a_worker_whose_user_redis_refuses_exits_with_one_line(tmp_path: Path, user: str) -> None:
+    """A setup error, not an outage: no retry loop, no traceback (a Redis that is down or full is waited for)."""
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "ivl-gateway", *GATEWAY_ACL.split())  # may not create groups
+        admin.execute_command("ACL", "SETUSER", "admin", "on", ">admin-secret", "~*", "&*", "+@all")
+        admin.execute_command("ACL", "SETUSER", "default", "off")
+        server.admin = ("admin", "admin-secret")
+        url = server.url_for("ivl-gateway", "wrong" if user == "wrong password" else "gateway-secret")
+        args = [str(BIN / "broker-worker"), "run", "--fake-engine", "--redis-url", url]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        output = done.stdout + done.stderr
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert done.returncode != 0 and "Traceback" not in output, output[-2000:]
+        assert lines[-1].startswith("broker-worker: Redis refused this worker's user ("), lines[-1]
+        assert lines[-1].endswith("the ACL a worker needs is in docs/reliability.md, 'Security model'")
+        assert "gateway-secret" not in output  # the URL is never printed with its password
     finally:
         server.kill()
 
