@@ -25,7 +25,8 @@ from broker_batch.progress import Progress
 from broker_batch.results import Answered, ResultFile
 from broker_batch.runner import BatchRunner
 from broker_worker import settings_cli
-from broker_worker.protocol.connections import async_redis, redact
+from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.redaction import redact
 from broker_worker.settings import RedisSettings
 
 EXIT_OK, EXIT_CANNOT_START, EXIT_USAGE, EXIT_ERROR_LINES, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

@@ -28,7 +28,8 @@ from broker_worker import admin_ops as ops
 from broker_worker import admin_read as read
 from broker_worker import settings_cli
 from broker_worker.admin_format import print_dead, print_failures, print_job, print_status
-from broker_worker.protocol.connections import redact, sync_redis
+from broker_worker.protocol.connections import sync_redis
+from broker_worker.protocol.redaction import redact
 from broker_worker.settings import RedisSettings
 
 Handler = Callable[[redis.Redis, argparse.Namespace], int]

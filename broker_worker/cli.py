@@ -13,7 +13,8 @@ from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissi
 
 from broker_worker import settings_cli
 from broker_worker.model.engine import Engine
-from broker_worker.protocol.connections import async_redis, plain_url_problem, redact
+from broker_worker.protocol.connections import async_redis, plain_url_problem
+from broker_worker.protocol.redaction import redact
 from broker_worker.settings import RedisSettings, WorkerSettings
 
 GIL_SWITCH_S = 0.0005

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from broker_worker.protocol.connections import redact_text
+from broker_worker.protocol.redaction import redact_text
 
 #: Message prefix → the field its first argument fills.
 ID_FIELDS = {"job %s": "job_id", "entry %s": "entry_id", "worker %s": "worker_id"}

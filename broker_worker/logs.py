@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from broker_worker.protocol.connections import redact_text
+from broker_worker.protocol.redaction import redact_text
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 

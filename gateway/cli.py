@@ -12,7 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from broker_worker import settings_cli
-from broker_worker.protocol.connections import plain_url_problem, redact
+from broker_worker.protocol.connections import plain_url_problem
+from broker_worker.protocol.redaction import redact
 from gateway.deadlines import deadline_protocol
 from gateway.settings import GatewaySettings
 

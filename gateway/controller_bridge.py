@@ -13,7 +13,7 @@ import logging
 import httpx
 from redis.exceptions import RedisError
 
-from broker_worker.protocol.connections import redact
+from broker_worker.protocol.redaction import redact
 from gateway.service import GatewayService
 
 log = logging.getLogger("gateway.controller")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker_worker.protocol.connections import parse_sentinel_url, redact
+from broker_worker.protocol.connections import parse_sentinel_url
+from broker_worker.protocol.redaction import redact
 from tests.helpers import Proc, RedisServer, end_to_end, free_port
 
 

@@ -36,10 +36,11 @@ from starlette.routing import BaseRoute, Route
 from broker_worker.logs import RedactingFormatter
 from broker_worker.protocol import health
 from broker_worker.protocol.client import AsyncClient
-from broker_worker.protocol.connections import async_redis, redact, redact_text
+from broker_worker.protocol.connections import async_redis
 from broker_worker.protocol.messages import ChatMessage, SamplingParams, WorkerHealth
 from broker_worker.protocol.pubsub import Subscriber
 from broker_worker.protocol.readers import Readers, job_readers_key
+from broker_worker.protocol.redaction import redact, redact_text
 from broker_worker.protocol.subscription import RESYNC
 from gateway import validation
 from gateway.app import create_app

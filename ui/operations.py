@@ -22,8 +22,9 @@ import streamlit as st
 
 from broker_worker import admin_ops as ops
 from broker_worker import admin_read as read
-from broker_worker.protocol.connections import redact, sync_redis
+from broker_worker.protocol.connections import sync_redis
 from broker_worker.protocol.messages import now_ms
+from broker_worker.protocol.redaction import redact
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REFRESH_S = float(os.environ.get("OPS_REFRESH_S", "2"))
