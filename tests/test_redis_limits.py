@@ -1,6 +1,7 @@
-"""Redis' own limits. Full (maxmemory with `noeviction`, its default policy): writes are refused with OOM; a new
-request gets a typed refusal to retry later (42903, HTTP 429), not an outage report; a job that ended meanwhile
-still lets go of its entry; streams in flight pause and go on once memory is freed; nothing crashes. Idle clients
+"""Redis refusing work, and a typed answer for each. Full (maxmemory with `noeviction`, its default policy): writes
+are refused with OOM; a new request gets a typed refusal to retry later (42903, HTTP 429), not an outage report; a
+job that ended meanwhile still lets go of its entry; streams in flight pause and go on once memory is freed; nothing
+crashes. A read-only replica (a gateway pointed at one, or a failover under way) is named as such. Idle clients
 closed (`timeout`): the next call goes on a new connection at once.
 """
 
@@ -133,3 +134,24 @@ def test_connections_redis_closes_while_idle_cost_no_publish_retry(  # type: ign
         assert worker.alive and gateway.alive
     finally:
         server.kill()
+
+
+def test_a_gateway_pointed_at_a_replica_says_so(  # type: ignore[no-untyped-def]
+    tmp_path: Path, own_redis: RedisServer, start_worker, start_gateway
+) -> None:
+    replica = RedisServer(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(own_redis.port)])
+    replica.directory.mkdir()
+    replica.start()
+    try:
+        start_worker(url=own_redis.url, wait=False)  # on the primary; the replica's copy admits the request
+        wait_for(lambda: live_worker_ids(replica.client(), "fake"), 60, "the worker's health on the replica")
+        gateway, base = start_gateway(url=replica.url)
+        body = {"model": "fake", "prompt": [{"role": "user", "content": "on a replica"}], "max_new_tokens": 3}
+        status, parts = stream(base, body)
+        assert (status, parts[-1]["error_code"]) == (500, 50001)
+        assert parts[-1]["text"].startswith(
+            "Redis refused a write: the server is a read-only replica (a failover in progress?) (You can't write"
+        ), parts[-1]["text"]
+        assert gateway.alive
+    finally:
+        replica.kill()
