@@ -24,8 +24,9 @@ from pydantic import ValidationError
 from broker_worker.protocol.errors import ErrorCode, JobError, invalid
 from broker_worker.protocol.images import DEFAULT_LIMITS
 from broker_worker.protocol.messages import Job, Priority
+from gateway.openai_request import OpenAIChatRequest, openai_job
 from gateway.settings import GatewaySettings
-from gateway.validation import OpenAIChatRequest, openai_job, validation_error
+from gateway.validation import validation_error
 
 CHAT_URL = "/v1/chat/completions"
 MAX_CUSTOM_ID_CHARS = 512

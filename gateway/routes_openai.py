@@ -14,10 +14,11 @@ from broker_worker.protocol.messages import Job, Usage
 from broker_worker.protocol.tap import Tap
 from gateway.deps import get_service
 from gateway.errors import openai_error
+from gateway.openai_request import OpenAIChatRequest, openai_job
 from gateway.openai_stream import OpenAIFrames
 from gateway.service import GatewayService
 from gateway.streaming import RelayResponse
-from gateway.validation import OpenAIChatRequest, openai_job, validation_error
+from gateway.validation import validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 Service = Annotated[GatewayService, Depends(get_service)]

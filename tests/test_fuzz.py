@@ -34,8 +34,9 @@ from broker_worker.protocol.messages import (
     Usage,
     parse_event,
 )
+from gateway.openai_request import OpenAIChatRequest, openai_to_prompt
 from gateway.settings import GatewaySettings
-from gateway.validation import GenerateRequest, OpenAIChatRequest, build_job, openai_to_prompt
+from gateway.validation import GenerateRequest, build_job
 from tests.helpers import png_b64
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

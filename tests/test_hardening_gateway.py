@@ -42,7 +42,7 @@ from broker_worker.protocol.pubsub import Subscriber
 from broker_worker.protocol.readers import Readers, job_readers_key
 from broker_worker.protocol.redaction import redact, redact_text
 from broker_worker.protocol.subscription import RESYNC
-from gateway import validation
+from gateway import openai_request, validation
 from gateway.app import create_app
 from gateway.auth import OPEN_PATHS
 from gateway.image_bytes import trim
@@ -330,12 +330,12 @@ HOSTILE: list[Any] = [
 
 def test_every_openai_field_path_refuses_hostile_values_with_a_typed_4xx(app_client: TestClient) -> None:
     body = _openai_body()
-    models = (validation.OpenAIChatRequest, validation.OpenAIMessage, validation.OpenAIPart)
+    models = (openai_request.OpenAIChatRequest, openai_request.OpenAIMessage, openai_request.OpenAIPart)
     parts = body["messages"][0]["content"]
     covered = [set(body), set(body["messages"][0]), set(parts[0]) | set(parts[1])]
     assert [set(m.model_fields) for m in models] == covered  # a new field must be added to the body above
-    assert set(body["messages"][0]["content"][1]["image_url"]) == set(validation.OpenAIImageUrl.model_fields)
-    assert set(body["stream_options"]) == set(validation.StreamOptions.model_fields)
+    assert set(body["messages"][0]["content"][1]["image_url"]) == set(openai_request.OpenAIImageUrl.model_fields)
+    assert set(body["stream_options"]) == set(openai_request.StreamOptions.model_fields)
     paths = [p for p in _paths(body) if p]
     for path in paths:
         for value in HOSTILE:
