@@ -115,7 +115,7 @@ class AsyncClient:
                         yield event
                 except JobError:  # the caller is told the job failed (e.g. not started in time): no grace,
                     gave_up = True  # and the cancel is recorded before it is told, so no later worker runs it
-                    await self.readers.leave_now(reader, cancel=self.cancel_abandoned)
+                    await asyncio.shield(self.readers.leave_now(reader, cancel=self.cancel_abandoned))
                     raise
         finally:  # a refused submission cancels nothing: the id may be another request's running job
             cancel = self.cancel_abandoned and queued and not finished
