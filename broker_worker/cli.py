@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -16,6 +17,7 @@ from broker_worker.model.engine import Engine
 from broker_worker.protocol.connections import async_redis, plain_url_problem
 from broker_worker.protocol.redaction import redact
 from broker_worker.settings import RedisSettings, WorkerSettings
+from broker_worker.stall import EXIT_STALLED, EngineStalled
 
 GIL_SWITCH_S = 0.0005
 
@@ -108,6 +110,10 @@ async def _serve(settings: WorkerSettings, engine: Engine) -> int:
         loop.add_signal_handler(sig, worker.stop)
     try:
         await worker.run()
+    except EngineStalled as exc:
+        log.error("%s; exiting with status %d", exc, EXIT_STALLED)
+        logging.shutdown()
+        os._exit(EXIT_STALLED)  # not SystemExit: the interpreter would wait for the stuck engine thread for ever
     except (NoPermissionError, AuthenticationError, AuthorizationError) as exc:  # a setup error: one line, no retry
         raise SystemExit(
             f"broker-worker: Redis refused this worker's user ({exc}); the ACL a worker needs is in "

@@ -28,6 +28,7 @@ from broker_worker.protocol.messages import Cancelled, Done, Event, Failed, Job,
 from broker_worker.protocol.states import StopReason
 from broker_worker.relay import Handback, Relay, Running, Throughput
 from broker_worker.settings import WorkerSettings
+from broker_worker.stall import StallWatch
 
 log = logging.getLogger("broker_worker.worker")
 MAX_ENTRY_CHARS = 64 * 1024 * 1024
@@ -72,6 +73,8 @@ class JobRunner:
     throughput: Throughput = field(default_factory=Throughput)
     #: Runs in progress by job id; the worker renews their leases and stops them on shutdown.
     running: dict[str, Running] = field(default_factory=dict)
+    #: What the engine made lately: a hung engine is noticed (stall.py; off unless the worker sets a timeout).
+    watch: StallWatch = field(default_factory=lambda: StallWatch(0.0))
     jobs_done: int = 0
 
     async def handle(self, entry: Entry) -> None:
@@ -104,6 +107,7 @@ class JobRunner:
         try:
             await self._execute(run, decision)
         finally:
+            self.watch.last_progress = time.monotonic()  # a run that ended is progress, text or not (count-only)
             if self.running.get(job.id) is run:  # a later run of the same job (after a freeze) keeps its tracking
                 del self.running[job.id]
 
@@ -159,7 +163,7 @@ class JobRunner:
         if run.job.count_only:
             return await self._count(run.job)
         interval = self.settings.stream_interval_ms / 1000
-        relay = Relay(self.store, self.engine, self.executor, run, interval, self.throughput, self.handoff)
+        relay = Relay(self.store, self.engine, self.executor, run, interval, self.throughput, self.handoff, self.watch)
         return await relay.generate(prefix, started)
 
     async def _on_job_error(self, run: Running, exc: JobError, attempt: int, started: float) -> None:
@@ -202,6 +206,11 @@ class JobRunner:
             return False
         await run.queue.hand_back(run.entry_id)
         return True
+
+    async def hand_back_stalled(self, run: Running) -> None:
+        """A run whose engine thread is stuck: its job given back from outside (its own handler never returns)."""
+        if await self._hand_back(run):
+            log.info("job %s handed back: its engine stalled; another worker resumes it", run.job.id)
 
     async def reject(self, entry: Entry, reason: str) -> None:
         """Dead-letter an entry that can never run; tell whoever waits on its id (if it has one) why."""

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
@@ -39,6 +40,8 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     #: Why generation stopped early.
     stop_reason: StopReason | None = None
+    #: When the engine last made text for this run (monotonic); None before its first (stall.py watches it).
+    text_at: float | None = None
 
     @property
     def entry_id(self) -> str:
@@ -73,6 +76,10 @@ class Running:
         if result > 0:
             self.seq = result
         return result
+
+
+class Progress(Protocol):
+    last_progress: float
 
 
 class Throughput:
@@ -116,6 +123,8 @@ class Relay:
     interval_s: float
     throughput: Throughput
     handoff: Handoff
+    #: Where the engine's latest text is marked for the whole worker (stall.StallWatch).
+    progress: Progress
     _buffer: list[str] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
@@ -145,6 +154,7 @@ class Relay:
         return finish
 
     def _add(self, text: str) -> None:
+        self.run.text_at = self.progress.last_progress = time.monotonic()
         self._buffer.append(text)
         if self._may_send():
             self._send_buffer()

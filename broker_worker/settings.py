@@ -57,6 +57,11 @@ class WorkerSettings(RedisSettings):
     max_attempts: int = Field(default=c.MAX_ATTEMPTS, ge=1, description="deliveries before dead-letter")
     job_ttl_s: int = Field(default=c.JOB_TTL_S, ge=10, description="expiry of a job's keys after its last write")
     shutdown_grace_s: float = Field(default=c.SHUTDOWN_GRACE_S, ge=0, description="SIGTERM: time to finish jobs")
+    stall_timeout_s: float = Field(
+        default=c.STALL_TIMEOUT_S,
+        ge=0,
+        description="a hung engine (no text this long): hand back jobs, exit 3 (0: off)",
+    )
     fake_engine: bool = Field(default=False, description="serve a deterministic fake model (tests, benchmarks)")
     fake_token_delay_s: float = Field(default=0.0, ge=0, description="per-token delay of the fake engine")
     log_level: str = Field(default="INFO")

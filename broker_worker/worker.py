@@ -33,10 +33,13 @@ from broker_worker.protocol.jobs import JobStore
 from broker_worker.protocol.messages import WorkerHealth, now_ms
 from broker_worker.protocol.states import Ownership, StopReason
 from broker_worker.settings import WorkerSettings
+from broker_worker.stall import EXIT_STALLED, EngineStalled, StallWatch
 
 log = logging.getLogger("broker_worker.worker")
 #: Longest wait for new entries before looking for idle ones again (also bounds how long a hand-back waits).
 TAKE_BLOCK_MS = 1000
+#: After a stall, how long runs get to hand their jobs back themselves before the worker does it for them.
+STALLED_HANDBACK_S = 5.0
 
 
 class Worker:
@@ -62,6 +65,8 @@ class Worker:
         window_s, batch = settings.publish_window_ms / 1000, settings.publish_batch
         store = JobStore(redis, settings.job_ttl_s, window_s, collector=handoff, publish_batch=batch)
         self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff)
+        self.runner.watch = StallWatch(settings.stall_timeout_s)
+        self._stalled = False
 
     def _executor(self) -> ThreadPoolExecutor:
         # More generations at once than the device gains from only thrash it (CPU: threads fight for the cores).
@@ -97,6 +102,8 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
         if crashed is not None:
             raise RuntimeError("a worker loop crashed") from crashed.exception()
+        if self._stalled:
+            raise EngineStalled(f"worker {self.worker_id}: its engine stalled; its jobs were handed back")
 
     async def _ensure_groups(self) -> None:
         """The lanes' consumer groups, waited for while Redis is down or refuses them (full, loading, a replica): a
@@ -122,12 +129,36 @@ class Worker:
             self._stopping.set()
 
     async def _drain(self) -> None:
-        if self._tasks:
+        if self._stalled:
+            await self._give_up_stalled()
+        elif self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace_s)
             if pending:
                 for run in self.runner.running.values():
                     run.stop(StopReason.HANDBACK)
                 await asyncio.wait(pending, timeout=30)
+
+    async def _give_up_stalled(self) -> None:
+        """No grace (the engine is stuck): every run is told to hand back; those whose engine does not return
+        within a few seconds are handed back from here."""
+        for run in self.runner.running.values():
+            run.stop(StopReason.HANDBACK)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=STALLED_HANDBACK_S)
+        for run in list(self.runner.running.values()):
+            with contextlib.suppress(RedisError, OSError):  # not given back: taken over after the lease
+                await self.runner.hand_back_stalled(run)
+
+    def _check_stall(self) -> None:
+        if self._stalled or not (why := self.runner.watch.stalled(self.runner.running.values(), time.monotonic())):
+            return
+        log.error(
+            "engine stalled (%s): handing back every job and exiting with status %d; a stuck engine thread "
+            "cannot be stopped, so this process must be restarted",
+            *(why, EXIT_STALLED),
+        )
+        self._stalled = True
+        self.stop()
 
     async def _take_loop(self) -> None:
         while not self._stopping.is_set():
@@ -165,6 +196,7 @@ class Worker:
     async def _renew_loop(self) -> None:
         while not self._stopping.is_set() or self.runner.running:
             await asyncio.sleep(self.settings.lease_renew_s)
+            self._check_stall()
             with contextlib.suppress(RedisError, OSError):
                 await self._renew_all()
 

@@ -160,6 +160,24 @@ def test_a_job_delivered_while_its_worker_is_frozen_runs_once(r: redis.Redis, st
     wait_for(lambda: r.xlen("ivl:jobs:fake") == 0, 10, "the entry finished")
 
 
+def test_a_hung_engine_hands_its_job_back_and_the_worker_exits_3(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
+    """``hang:``: two tokens, then the engine's thread never returns and ignores cancel (a stuck CUDA kernel)."""
+    hung = start_worker(delay=0.02, lease_s=8.0, extra=["--stall-timeout-s", "1"])
+    submit(r, job("stuck", question="hang: forever", tokens=8))
+    two = "".join(token + " " for token in expected_text("hang: forever", 8).split()[:2])
+    wait_for(lambda: text_of(events(r, "stuck")) == two, 20, "its two tokens")
+    healthy = start_worker(delay=0.02, lease_s=8.0)  # only now: the first run is the hung worker's
+    wait_for(lambda: not hung.alive, 60, "the hung worker to exit")
+    assert hung.popen.returncode == 3, hung.log()[-2000:]
+    assert "engine stalled (" in hung.log()  # no text from it, nor from the worker as a whole
+    assert "job stuck handed back: its engine stalled; another worker resumes it" in hung.log()
+    evs = wait_terminal(r, "stuck", 30)
+    assert text_of(evs) == expected_text("hang: forever", 8)  # resumed after the two tokens: nothing repeated
+    assert [e["resumed"] for e in evs if e["type"] == "started"] == [False, True]
+    assert owner_pid(evs) == healthy.popen.pid
+    assert r.hget("ivl:job:{stuck}:state", "attempts") == "1"  # handed back, not failed
+
+
 def test_dead_workers_job_is_taken_over_on_a_busy_fleet(r: redis.Redis, start_worker) -> None:  # type: ignore[no-untyped-def]
     """XAUTOCLAIM with COUNT = free slots examines 10 x COUNT pending entries per call: the take-over pass must
     walk the whole pending list (cursor kept), not rescan its head, where a live worker's entries sit."""

@@ -6,6 +6,8 @@ Questions starting with a trigger make it misbehave on purpose: ``fail:`` raises
 ends the answer early with ``finish_reason: "stop"`` as a model that emits its end-of-sequence token does.
 ``clock:`` makes every token the wall-clock time it was produced (``@1764000000.123456 ``, fixed width), so a
 benchmark client on the same machine can tell how long each token took to reach it (bench/capacity.py).
+``hang:`` makes a fresh run hang for good after two tokens, deaf to cancel, as a stuck CUDA kernel would (a
+resumed run answers in full: the worker's stall watch, broker_worker/stall.py, hands it to another worker).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class FakeEngine:
             start += 1
         if clock:  # timestamps are longer than the plain tokens: a resumed job counts the ones it already sent
             start = answer_prefix.count(" ")
-        run = _Run(tokens[start:], cancel, on_delta, clock)
+        hang = question.startswith("hang:") and not answer_prefix
+        run = _Run(tokens[start : HANG_AFTER if hang else None], cancel, on_delta, clock)
         if self._steps is not None:
             self._steps.run(run)
         else:  # no delay: every token at once, on this thread
@@ -73,10 +76,14 @@ class FakeEngine:
                 pass
         if run.error is not None:
             raise run.error
+        if hang:
+            threading.Event().wait()  # never set: this thread is lost, as a hung engine's is
         reason: FinishReason = "stop" if question.startswith("eos:") else "length"
         return Finish(reason, Usage(prompt_tokens=len(question), completion_tokens=len(tokens)))
 
 
+#: Tokens a fresh ``hang:`` run makes before it hangs.
+HANG_AFTER = 2
 #: Tokens due within this much of each other are made in one step (as a batched engine makes them together).
 STEP_QUANTUM_S = 0.001
 

@@ -34,6 +34,7 @@ PUBLISH_WINDOW_MS = 10.0  # a busy worker publishes its jobs' events in one call
 PUBLISH_BATCH = 20  # … and sooner when its event rate fills a call with this many events (publish_batch.py)
 CONSUMER_FORGET_S = 3600.0  # a group consumer idle this long with nothing pending is deleted
 SHUTDOWN_GRACE_S = 20.0  # on SIGTERM, running jobs get this long to finish before they are handed back
+STALL_TIMEOUT_S = 300.0  # an engine that makes no text this long is hung: the worker hands back its jobs and exits
 
 
 #: Priority lanes: each model has one job stream per lane, and a worker takes a batch job only when no interactive
