@@ -29,18 +29,26 @@ class EngineStalled(Exception):
 @dataclass
 class StallWatch:
     timeout_s: float
+    #: How often ``stalled`` is asked; a gap far longer means the whole process was paused (SIGSTOP, swap), not
+    #: its engine: everyone gets a full timeout again.
+    check_every_s: float = 3.0
     #: When the engine last made text for any run, or a run ended (monotonic; ``Relay`` and ``JobRunner`` mark it).
     last_progress: float = 0.0
     _busy_since: float | None = None
+    _checked: float | None = None
+    _grace_until: float = 0.0
 
     def stalled(self, runs: Collection[Running], now: float) -> str | None:
         """Why the engine counts as stalled now, or None (always None with a timeout of 0: the watch is off)."""
+        if self._checked is not None and now - self._checked > 3 * self.check_every_s:
+            self._grace_until = now + self.timeout_s
+        self._checked = now
         if not runs:
             self._busy_since = None
             return None
         if self._busy_since is None:
             self._busy_since = now
-        if not self.timeout_s:
+        if not self.timeout_s or now < self._grace_until:
             return None
         quiet = now - max(self.last_progress, self._busy_since)
         if quiet > self.timeout_s:

@@ -65,7 +65,7 @@ class Worker:
         window_s, batch = settings.publish_window_ms / 1000, settings.publish_batch
         store = JobStore(redis, settings.job_ttl_s, window_s, collector=handoff, publish_batch=batch)
         self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff)
-        self.runner.watch = StallWatch(settings.stall_timeout_s)
+        self.runner.watch = StallWatch(settings.stall_timeout_s, settings.lease_renew_s)
         self._stalled = False
 
     def _executor(self) -> ThreadPoolExecutor:
