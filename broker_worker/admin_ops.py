@@ -53,7 +53,8 @@ def requeue(r: redis.Redis, ref: str) -> Outcome:
     job, why = letter_job(dead.fields)
     if job is None:
         return Outcome(ref, REFUSED, f"dead letter {dead.id}: {why}", dead.job_id)
-    if job.expired():
+    seconds, micros = r.time()  # Redis' clock, as the start script judges deadlines (not this host's)
+    if job.expired(int(seconds) * 1000 + int(micros) // 1000):
         return Outcome(
             ref, REFUSED, f"dead letter {dead.id}: cannot run: job {job.id}'s deadline_ms has passed", job.id
         )

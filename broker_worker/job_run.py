@@ -86,21 +86,20 @@ class JobRunner:
         log.info("job %s received (entry %s%s)", job.id, entry.entry_id, ", reclaimed" if entry.reclaimed else "")
         token = uuid.uuid4().hex[:12]
         fresh_run_ms = int(self.settings.lease_s * 500)  # half a lease: no run fails that fast unnoticed
-        expired = job.expired()  # once: the start script and the refusal below must agree
         # The start script publishes the run's started event itself (one round trip less before the first token).
         # A count-only job has none; a job with images by reference gets it once they are read (a missing one
-        # fails the job before it started).
+        # fails the job before it started). It also decides whether the deadline passed, by Redis' clock.
         plain = not job.count_only and not any(is_ref(b) for m in job.prompt for b in m.image)
-        announce = Announce(self.worker_id, self.settings.max_attempts, expired) if plain else None
+        announce = Announce(self.worker_id, self.settings.max_attempts) if plain else None
         decision = await self.store.start(
-            job.id, entry.entry_id, token, self.worker_id, now_ms(), fresh_run_ms, announce
+            job.id, entry.entry_id, token, self.worker_id, now_ms(), fresh_run_ms, announce, job.deadline_ms
         )
         if not decision.run:
             log.info("job %s duplicate of a %s job: not run again", job.id, decision.duplicate_of)
             await entry.queue.finish(entry.entry_id)
             return
         run = Running(job, entry, token, seq=decision.seq + int(decision.started))
-        if reason := self._refusal(job, decision.attempts, decision.cancelled, decision.resumed, expired):
+        if reason := self._refusal(decision):
             await self._refuse(run, *reason)
             return
         self.running[job.id] = run
@@ -111,16 +110,14 @@ class JobRunner:
             if self.running.get(job.id) is run:  # a later run of the same job (after a freeze) keeps its tracking
                 del self.running[job.id]
 
-    def _refusal(
-        self, job: Job, attempts: int, cancelled: bool, resumed: bool, expired: bool
-    ) -> tuple[str, Event] | None:
-        if cancelled:
+    def _refusal(self, decision: StartDecision) -> tuple[str, Event] | None:
+        if decision.cancelled:
             return "cancelled before start", Cancelled()
-        if attempts > self.settings.max_attempts:
+        if (attempts := decision.attempts) > self.settings.max_attempts:
             message = f"job failed on {attempts - 1} deliveries (limit {self.settings.max_attempts}); dead-lettered"
             return "dead-lettered", Failed(error_code=ErrorCode.INTERNAL_ERROR, message=message)
-        if expired and not resumed:
-            late = (now_ms() - (job.deadline_ms or 0)) / 1000
+        if decision.late_ms and not decision.resumed:
+            late = decision.late_ms / 1000
             message = f"no worker started the job before its deadline ({late:.1f}s late); it was not run"
             return "deadline passed", Failed(error_code=ErrorCode.CONTROLLER_WORKER_TIMEOUT, message=message)
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -21,6 +22,7 @@ from broker_worker.protocol import constants as c
 from broker_worker.protocol import health, submission
 from broker_worker.protocol.client import AsyncClient
 from broker_worker.protocol.connections import async_redis
+from broker_worker.protocol.errors import ErrorCode
 from broker_worker.protocol.inbox import Inbox
 from broker_worker.protocol.jobs import CANCELLED, FENCED, Announce, JobStore
 from broker_worker.protocol.messages import Cancelled, Delta, Done, Job, Usage, WorkerHealth
@@ -465,12 +467,12 @@ async def test_the_start_script_publishes_the_started_event_of_a_run_it_lets_run
     pubsub = r.pubsub()
     pubsub.ssubscribe(c.job_channel("ann"))
     assert pubsub.get_sharded_message(timeout=2)["type"] == "ssubscribe"
-    first = await store.start("ann", "1-0", "t1", "w1", 0, announce=Announce("w1", 3, False))
+    first = await store.start("ann", "1-0", "t1", "w1", 0, announce=Announce("w1", 3))
     assert (first.run, first.started, first.seq, first.resumed) == (True, True, 0, False)
     live = pubsub.get_sharded_message(timeout=2)
     assert json.loads(live["data"]) == {"seq": 1, "type": "started", "worker": "w1", "resumed": False}
     assert await store.publish("ann", "t1", Delta(text="a"), 2) == 2
-    taken_over = await store.start("ann", "1-0", "t2", "w2", 0, announce=Announce("w2", 3, False))
+    taken_over = await store.start("ann", "1-0", "t2", "w2", 0, announce=Announce("w2", 3))
     assert (taken_over.started, taken_over.seq, taken_over.resumed) == (True, 2, True)
     assert await store.publish("ann", "t1", Delta(text="b"), 4) == FENCED
     recorded = [json.loads(fields["e"]) for _, fields in r.xrange(c.job_events_key("ann"))]
@@ -488,14 +490,42 @@ async def test_the_start_script_announces_no_run_the_worker_refuses(ar: aioredis
     job's first event, so the start script must publish nothing."""
     store = JobStore(ar)
     r.set(c.job_cancel_key("gone"), "1")
-    cancelled = await store.start("gone", "1-0", "t", "w", 0, announce=Announce("w", 3, False))
-    late = await store.start("late", "1-0", "t", "w", 0, announce=Announce("w", 3, True))
-    assert (await store.start("tired", "1-0", "a", "w", 0, announce=Announce("w", 1, False))).started
-    tired = await store.start("tired", "1-0", "b", "w", 0, announce=Announce("w", 1, False))
+    cancelled = await store.start("gone", "1-0", "t", "w", 0, announce=Announce("w", 3))
+    late = await store.start("late", "1-0", "t", "w", 0, announce=Announce("w", 3), deadline_ms=1)
+    assert (await store.start("tired", "1-0", "a", "w", 0, announce=Announce("w", 1))).started
+    tired = await store.start("tired", "1-0", "b", "w", 0, announce=Announce("w", 1))
     assert [(d.run, d.started) for d in (cancelled, late, tired)] == [(True, False)] * 3
     assert tired.attempts == 2 and tired.seq == 1
     assert [r.xlen(c.job_events_key(j)) for j in ("gone", "late", "tired")] == [0, 0, 1]
     assert r.hget(c.job_state_key("late"), "seq") is None
+
+
+async def test_a_worker_whose_clock_is_an_hour_ahead_still_runs_jobs_within_their_deadline(
+    ar: aioredis.Redis, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is judged by Redis' clock (lua/start.lua), not the worker host's: a worker whose clock is off
+    refused every job as late. Here the whole process (worker and client) runs an hour ahead; the job's deadline
+    comes from a gateway with the right time (a minute ahead of Redis)."""
+    redis_now_ms = int(r.time()[0]) * 1000
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    worker = Worker(WorkerSettings(fake_engine=True, heartbeat_s=0.5), FakeEngine(), ar)
+    running = asyncio.create_task(worker.run())
+    client = AsyncClient(ar)
+    try:
+        timely = Job.model_validate(job("skewed", tokens=3, deadline_ms=redis_now_ms + 60_000))
+        events = [e async for e in client.generate(timely)]
+        assert (events[0].type, events[-1].type) == ("started", "done")
+        assert events[-1].usage.completion_tokens == 3  # type: ignore[union-attr]
+        late = Job.model_validate(job("late-by-redis", tokens=3, deadline_ms=redis_now_ms - 5_000))
+        [refusal] = [e async for e in client.generate(late)]
+        assert refusal.type == "failed" and refusal.error_code == ErrorCode.CONTROLLER_WORKER_TIMEOUT
+        late_by = r"no worker started the job before its deadline \(5\.\ds late\); it was not run"
+        assert re.fullmatch(late_by, refusal.message)  # type: ignore[union-attr]
+    finally:
+        worker.stop()
+        await running
+        await client.close()
 
 
 def _calls(r: redis.Redis, command: str) -> int:
@@ -533,7 +563,7 @@ async def test_events_published_before_a_live_stream_began_are_read_from_the_rep
     """Without the replay read first, events that went by before the subscription was live show as a gap at the
     first live one, and the replay fills it: nothing is lost."""
     store, client = JobStore(ar), AsyncClient(ar)
-    await store.start("gap", "1-0", "t", "w", 0, announce=Announce("w", 3, False))
+    await store.start("gap", "1-0", "t", "w", 0, announce=Announce("w", 3))
     await store.publish("gap", "t", Delta(text="a"), 2)
     await store.publish("gap", "t", Done(finish_reason="stop", usage=Usage()), 3)
     inbox = Inbox()

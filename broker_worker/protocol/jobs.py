@@ -49,6 +49,8 @@ class StartDecision:
     cancelled: bool
     #: The start script recorded and published this run's ``started`` event (seq ``seq + 1``).
     started: bool = False
+    #: How far past its deadline the job is, by Redis' clock (0: not past, or none).
+    late_ms: int = 0
 
     @property
     def resumed(self) -> bool:
@@ -57,18 +59,16 @@ class StartDecision:
 
 @dataclass(frozen=True)
 class Announce:
-    """What the start script needs to publish a run's ``started`` event itself (lua/start.lua's ARGV[7:])."""
+    """What the start script needs to publish a run's ``started`` event itself (lua/start.lua's ARGV[8:])."""
 
     worker_id: str
     max_attempts: int
-    #: The job's deadline passed: only a resumed run goes on (``Job.expired``).
-    expired: bool
 
     def args(self) -> list[str | int]:
         fresh, resumed = (
             Started(worker=self.worker_id, resumed=r).model_dump_json(exclude={"seq"})[1:] for r in (False, True)
         )
-        return [self.max_attempts, int(self.expired), fresh, resumed, c.REPLAY_MAXLEN]
+        return [self.max_attempts, fresh, resumed, c.REPLAY_MAXLEN]
 
 
 class JobStore(Submitter):
@@ -105,17 +105,20 @@ class JobStore(Submitter):
         now_ms: int,
         fresh_run_ms: int = 0,
         announce: Announce | None = None,
+        deadline_ms: int | None = None,
     ) -> StartDecision:
         """Decide whether this delivery runs the job. Taking over a run that started less than ``fresh_run_ms``
         ago (Redis' clock) counts no attempt: both workers were handed the entry at once. With ``announce``, a
-        run that is not refused also gets its ``started`` event, recorded and published in the same step."""
+        run that is not refused also gets its ``started`` event, recorded and published in the same step; a new
+        run past ``deadline_ms`` (Redis' clock) gets none."""
         k = JobKeys.of(job_id)
-        args: list[str | int] = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms]
+        args: list[str | int] = [entry_id, token, worker_id, now_ms, self.job_ttl_s, fresh_run_ms, deadline_ms or 0]
         if announce is not None:
             args += announce.args()
-        action, status, seq, cancelled, *started = await self._start(keys=[k.state, k.cancel, k.events], args=args)
+        action, status, seq, cancelled, *more = await self._start(keys=[k.state, k.cancel, k.events], args=args)
         if action == "run":
-            return StartDecision(True, "", int(status), int(seq), bool(cancelled), bool(started and started[0]))
+            started, late_ms = bool(more[0]), int(more[1])
+            return StartDecision(True, "", int(status), int(seq), bool(cancelled), started, late_ms)
         return StartDecision(False, str(status), 0, int(seq), bool(cancelled))
 
     async def publish(self, job_id: str, token: str, event: Event, seq: int) -> int:
