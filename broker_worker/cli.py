@@ -10,11 +10,10 @@ import os
 import signal
 import sys
 
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
-
 from broker_worker import settings_cli
 from broker_worker.model.engine import Engine
 from broker_worker.protocol.connections import async_redis, plain_url_problem
+from broker_worker.protocol.errors import USER_REFUSED
 from broker_worker.protocol.redaction import redact
 from broker_worker.settings import RedisSettings, WorkerSettings
 from broker_worker.stall import EXIT_STALLED, EngineStalled
@@ -114,7 +113,7 @@ async def _serve(settings: WorkerSettings, engine: Engine) -> int:
         log.error("%s; exiting with status %d", exc, EXIT_STALLED)
         logging.shutdown()
         os._exit(EXIT_STALLED)  # not SystemExit: the interpreter would wait for the stuck engine thread for ever
-    except (NoPermissionError, AuthenticationError, AuthorizationError) as exc:  # a setup error: one line, no retry
+    except USER_REFUSED as exc:  # a setup error: one line, no retry
         raise SystemExit(
             f"broker-worker: Redis refused this worker's user ({exc}); the ACL a worker needs is in "
             "docs/reliability.md, 'Security model'"

@@ -20,7 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
+from redis.exceptions import RedisError
 
 from broker_worker.handoff import Handoff
 from broker_worker.job_queue import Entry, at_end_of_id_space
@@ -29,6 +29,7 @@ from broker_worker.lanes import Lanes
 from broker_worker.model.engine import Engine
 from broker_worker.protocol import constants as c
 from broker_worker.protocol import health
+from broker_worker.protocol.errors import USER_REFUSED
 from broker_worker.protocol.jobs import JobStore
 from broker_worker.protocol.messages import WorkerHealth, now_ms
 from broker_worker.protocol.states import Ownership, StopReason
@@ -64,8 +65,8 @@ class Worker:
         handoff = Handoff()  # the store's publisher collects the engines' text (one wake-up per call)
         window_s, batch = settings.publish_window_ms / 1000, settings.publish_batch
         store = JobStore(redis, settings.job_ttl_s, window_s, collector=handoff, publish_batch=batch)
-        self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff)
-        self.runner.watch = StallWatch(settings.stall_timeout_s, settings.lease_renew_s)
+        watch = StallWatch(settings.stall_timeout_s, settings.lease_renew_s)
+        self.runner = JobRunner(settings, engine, store, self._executor(), self.worker_id, handoff, watch=watch)
         self._stalled = False
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -114,7 +115,7 @@ class Worker:
             try:
                 await self.lanes.ensure_groups()
                 return
-            except (NoPermissionError, AuthenticationError, AuthorizationError):
+            except USER_REFUSED:
                 raise
             except (RedisError, OSError) as exc:
                 log.warning("cannot create the job streams' consumer groups yet (%s); retrying in %.1fs", exc, delay)

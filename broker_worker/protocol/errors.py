@@ -51,6 +51,10 @@ def describe_problems(errors: Iterable[Mapping[str, Any]], *, skip: Collection[o
     return "; ".join(parts)
 
 
+#: Redis refusing the client's user (wrong password, a permission its ACL lacks): a setup error, which no retry mends.
+USER_REFUSED = (rx.NoPermissionError, rx.AuthenticationError, rx.AuthorizationError)
+
+
 def redis_failure(exc: BaseException, during: str = "") -> JobError:
     """What a Redis error means to a client, with a code to act on: a full Redis is a refusal to retry later
     (42903, as a full queue), not an outage; a replica, a server loading its data, or a user the ACL does not
@@ -64,7 +68,7 @@ def redis_failure(exc: BaseException, during: str = "") -> JobError:
     if isinstance(exc, rx.ReadOnlyError):
         why = "the server is a read-only replica (a failover in progress?)"
         return JobError(ErrorCode.INTERNAL_ERROR, f"Redis refused a write{during}: {why} ({said})")
-    if isinstance(exc, rx.NoPermissionError | rx.AuthenticationError | rx.AuthorizationError):
+    if isinstance(exc, USER_REFUSED):
         return JobError(ErrorCode.INTERNAL_ERROR, f"Redis refused the gateway's user{during}: {said}")
     if isinstance(exc, rx.ResponseError):
         return JobError(ErrorCode.INTERNAL_ERROR, f"Redis refused a command{during}: {said}")
